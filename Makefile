@@ -1,0 +1,29 @@
+# Quick start: `make demo` and `make test` on a fresh machine (each sets itself up).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.lxt-installed
+
+.PHONY: setup test test-fast demo bench clean
+
+setup: $(STAMP)
+
+# torch is pinned to the CPU build that installs offline here; a looser range can pull a
+# multi-GB CUDA build.
+$(STAMP): pyproject.toml requirements-pinned.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-pinned.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+demo: $(STAMP)
+	$(PY) examples/demo.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""Compatibility aliases for the published lxt import paths (``lxt.explicit.*``)."""

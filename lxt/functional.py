@@ -1,0 +1,299 @@
+"""Drop-in functionals: the forward of torch, relevance in backward.
+
+Each function mirrors the signature of the torch function it replaces (so a graph rewrite can
+swap a call's target and keep its arguments) plus an optional ``epsilon``.  Run forward, then
+``y.backward(R)``: ``x.grad`` is the relevance of ``x``.  Inputs that do not require grad get
+no relevance; weights, masks and numbers are constants of the rule.
+
+>>> import lxt.functional as lf
+>>> y = lf.linear_epsilon(x, W, b)
+>>> y.backward(y)
+>>> relevance = x.grad
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .rules.base import EPSILON
+from .rules.rules import (
+    AttnLRPAttentionRule,
+    CPLRPAttentionRule,
+    EpsilonRule,
+    GammaRule,
+    IdentityRule,
+    SoftmaxDTRule,
+    UniformEpsilonRule,
+    UniformRule,
+    _GammaLayer,
+)
+
+__all__ = [
+    "linear_epsilon",
+    "linear_gamma",
+    "add2",
+    "softmax",
+    "mul2",
+    "matmul",
+    "rms_norm_identity",
+    "rms_norm",
+    "layer_norm",
+    "mean",
+    "normalize",
+    "identity",
+    "silu",
+    "gelu",
+    "tanh",
+    "relu",
+    "sigmoid",
+    "scaled_dot_product_attention",
+    "scaled_dot_product_attention_cp",
+    "sdpa",
+    "sdpa_cp",
+]
+
+_UNIFORM = UniformRule()
+_IDENTITY = IdentityRule()
+_EPSILON = {}
+
+
+def _epsilon_rule(epsilon: float) -> EpsilonRule:
+    rule = _EPSILON.get(("eps", epsilon))
+    if rule is None:
+        rule = _EPSILON[("eps", epsilon)] = EpsilonRule(epsilon)
+    return rule
+
+
+def _tensors(*values) -> list[int]:
+    return [i for i, v in enumerate(values) if isinstance(v, Tensor) and v.is_floating_point()]
+
+
+def linear_epsilon(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                   epsilon: float = EPSILON) -> Tensor:
+    r"""``F.linear`` with the epsilon rule (AttnLRP Eq. 8): ``R_x = x * W^T (R / stab(z))``.
+
+    Parameters
+    ----------
+    input : Tensor
+        ``(..., in_features)``; receives relevance.
+    weight, bias : Tensor
+        Layer parameters (constants of the rule; the bias absorbs its share).
+    epsilon : float
+        Stabiliser.
+    """
+    if input.shape[-1:] != weight.shape[-1:]:
+        raise ValueError(
+            f"lxt.linear_epsilon: input has {input.shape[-1]} features but weight expects "
+            f"{weight.shape[-1]} (input {tuple(input.shape)}, weight {tuple(weight.shape)})."
+        )
+    return _epsilon_rule(epsilon).apply_at(F.linear, (input, weight, bias), {}, [0])
+
+
+def linear_gamma(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                 gamma: float = 0.25, epsilon: float = EPSILON) -> Tensor:
+    r"""``F.linear`` with the gamma rule (see :class:`lxt.rules.GammaRule`)."""
+    if input.shape[-1:] != weight.shape[-1:]:
+        raise ValueError(
+            f"lxt.linear_gamma: input has {input.shape[-1]} features but weight expects "
+            f"{weight.shape[-1]}."
+        )
+    layer = _GammaLayer(F.linear, weight, bias)
+    return GammaRule(gamma, epsilon).apply_at(layer, (input,), {}, [0])
+
+
+def add2(input, other, *, alpha=1, epsilon: float = EPSILON) -> Tensor:
+    r"""``input + alpha * other`` with the epsilon rule (AttnLRP Eq. 8):
+    ``R_a = a R / stab(a + b)``, ``R_b = b R / stab(a + b)``, summed back over broadcast
+    dimensions.  A constant operand (number, or tensor without ``requires_grad``) absorbs its
+    share like a bias."""
+    kwargs = {} if alpha == 1 else {"alpha": alpha}
+    return _epsilon_rule(epsilon).apply_at(torch.add, (input, other), kwargs,
+                                           _tensors(input, other))
+
+
+def mul2(input, other) -> Tensor:
+    r"""``input * other`` with the uniform rule (AttnLRP Prop. 3.2): ``R_a = R_b = R / 2``.
+    With one constant factor it is the identity rule ``R_x = R``."""
+    return _UNIFORM.apply_at(torch.mul, (input, other), {}, _tensors(input, other))
+
+
+def matmul(input: Tensor, other: Tensor, epsilon: float = EPSILON) -> Tensor:
+    r"""``torch.matmul`` with the epsilon + uniform rule (AttnLRP Prop. 3.3):
+    ``R_A = A * ((R / stab(2 A@B)) B^T)``, ``R_B = B * (A^T (R / stab(2 A@B)))``; the
+    epsilon rule when one factor is constant."""
+    return UniformEpsilonRule(epsilon).apply_at(torch.matmul, (input, other), {},
+                                                _tensors(input, other))
+
+
+def softmax(input: Tensor, dim: Optional[int] = None, _stacklevel: int = 3,
+            dtype: Optional[torch.dtype] = None) -> Tensor:
+    r"""``F.softmax`` with deep Taylor decomposition with bias (AttnLRP Prop. 3.1):
+    ``R_x = x * (R - s * sum(R))``; ``-inf`` inputs (masks) count as 0."""
+    if dim is None:
+        raise ValueError("lxt.softmax needs an explicit dim (as torch.softmax recommends).")
+    kwargs = {"dim": dim} if dtype is None else {"dim": dim, "dtype": dtype}
+    return SoftmaxDTRule(dim).apply_at(F.softmax, (input,), kwargs, [0])
+
+
+def _rms_norm_llama(hidden_states: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
+    input_dtype = hidden_states.dtype
+    h = hidden_states.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    h = h.to(input_dtype)
+    return h if weight is None else weight * h
+
+
+def rms_norm_identity(hidden_states: Tensor, weight: Optional[Tensor],
+                      variance_epsilon: float = 1e-6) -> Tensor:
+    r"""Llama's RMSNorm (normalise in float32, cast back, scale by ``weight``) with the
+    identity rule (AttnLRP Prop. 3.4): ``R_x = R``."""
+    return _IDENTITY.apply_at(_rms_norm_llama, (hidden_states, weight, variance_epsilon), {}, [0])
+
+
+def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
+             eps: Optional[float] = None) -> Tensor:
+    r"""``F.rms_norm`` with the identity rule (AttnLRP Prop. 3.4): ``R_x = R``."""
+    return _IDENTITY.apply_at(F.rms_norm, (input, normalized_shape, weight, eps), {}, [0])
+
+
+def _layer_norm_std_detached(input, normalized_shape, weight, bias, eps):
+    dims = tuple(range(-len(normalized_shape), 0))
+    var, mu = torch.var_mean(input, dim=dims, unbiased=False, keepdim=True)
+    out = (input - mu) / torch.sqrt(var + eps).detach()
+    if weight is not None:
+        out = out * weight
+    if bias is not None:
+        out = out + bias
+    return out
+
+
+def layer_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
+               bias: Optional[Tensor] = None, eps: float = 1e-5,
+               epsilon: float = EPSILON) -> Tensor:
+    r"""``F.layer_norm`` with the AttnLRP LayerNorm rule (Prop. 3.4): identity on ``1/std``,
+    epsilon rule on the centring and the affine map, i.e. the epsilon rule applied to
+    ``(x - mean(x)) / std.detach() * w + b``."""
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    normalized_shape = tuple(normalized_shape)
+    if tuple(input.shape[-len(normalized_shape):]) != normalized_shape:
+        raise ValueError(
+            f"lxt.layer_norm: input {tuple(input.shape)} does not end in normalized_shape "
+            f"{normalized_shape}."
+        )
+    return _epsilon_rule(epsilon).apply_at(
+        _layer_norm_std_detached, (input, normalized_shape, weight, bias, eps), {}, [0]
+    )
+
+
+def mean(input: Tensor, dim=None, keepdim: bool = False, *, dtype=None,
+         epsilon: float = EPSILON) -> Tensor:
+    r"""``torch.mean`` with the epsilon rule: ``R_x = x * R / stab(sum(x))`` (the mean is the
+    linear map ``sum(x) / N``; the stabiliser is applied to the mean, ``N * stab(mean)``)."""
+    kwargs = {"keepdim": keepdim}
+    if dim is not None:
+        kwargs["dim"] = dim
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    return _epsilon_rule(epsilon).apply_at(torch.mean, (input,), kwargs, [0])
+
+
+def normalize(input: Tensor, p: float = 2.0, dim: int = 1, eps: float = 1e-12,
+              out=None) -> Tensor:
+    r"""``F.normalize`` with the identity rule (the norm is a scale, as in RMSNorm,
+    AttnLRP Prop. 3.4): ``R_x = R``."""
+    if out is not None:
+        raise ValueError("lxt.normalize does not support out=.")
+    return _IDENTITY.apply_at(F.normalize, (input,), {"p": p, "dim": dim, "eps": eps}, [0])
+
+
+def identity(fn, input: Tensor, *args, **kwargs) -> Tensor:
+    r"""``fn(input, *args, **kwargs)`` for an elementwise ``fn`` with the identity rule
+    (AttnLRP Eq. 9): ``R_x = R``."""
+    return _IDENTITY.apply_at(fn, (input, *args), kwargs, [0])
+
+
+def silu(input: Tensor, inplace: bool = False) -> Tensor:
+    """``F.silu`` with the identity rule (AttnLRP Eq. 9)."""
+    return identity(F.silu, input)
+
+
+def gelu(input: Tensor, approximate: str = "none") -> Tensor:
+    """``F.gelu`` with the identity rule (AttnLRP Eq. 9)."""
+    return identity(F.gelu, input, approximate=approximate)
+
+
+def tanh(input: Tensor) -> Tensor:
+    """``torch.tanh`` with the identity rule (AttnLRP Eq. 9)."""
+    return identity(torch.tanh, input)
+
+
+def relu(input: Tensor, inplace: bool = False) -> Tensor:
+    """``F.relu`` with the identity rule (AttnLRP Eq. 9)."""
+    return identity(F.relu, input)
+
+
+def sigmoid(input: Tensor) -> Tensor:
+    """``torch.sigmoid`` with the identity rule (AttnLRP Eq. 9)."""
+    return identity(torch.sigmoid, input)
+
+
+def _sdpa_kwargs(attn_mask, dropout_p, is_causal, scale, enable_gqa) -> dict:
+    kw = {"attn_mask": attn_mask, "dropout_p": dropout_p, "is_causal": is_causal, "scale": scale}
+    if enable_gqa:
+        kw["enable_gqa"] = True
+    return kw
+
+
+def _check_qkv(name, query, key, value):
+    for t, n in ((query, "query"), (key, "key"), (value, "value")):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"lxt.{name}: {n} must be a tensor, got {type(t).__name__}.")
+    if not (query.dim() == key.dim() == value.dim()) or query.dim() < 2:
+        raise ValueError(
+            f"lxt.{name}: query, key and value need the same number (>= 2) of dimensions, got "
+            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}."
+        )
+    if query.shape[-1] != key.shape[-1] or key.shape[-2] != value.shape[-2]:
+        raise ValueError(
+            f"lxt.{name}: incompatible shapes query {tuple(query.shape)}, key "
+            f"{tuple(key.shape)}, value {tuple(value.shape)} (need query[-1] == key[-1] and "
+            "key[-2] == value[-2])."
+        )
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
+                                 attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, scale: Optional[float] = None,
+                                 enable_gqa: bool = False, *,
+                                 epsilon: float = EPSILON) -> Tensor:
+    r"""``F.scaled_dot_product_attention`` with the AttnLRP rule (matmul, Prop. 3.3 ->
+    softmax, Prop. 3.1 -> matmul, Prop. 3.3), fused: with ``g = R / stab(2 o)``,
+    ``R_v = v * do/dv(g)``, ``R_q = q * do/dq(g) / 2``, ``R_k = k * do/dk(g) / 2``.  No
+    ``n x n`` matrix beyond what torch's own attention backward uses.  Supports causal,
+    boolean and float masks, ``scale``, grouped-query attention (``enable_gqa``) and batches.
+    """
+    _check_qkv("scaled_dot_product_attention", query, key, value)
+    return AttnLRPAttentionRule(epsilon).apply_at(
+        F.scaled_dot_product_attention, (query, key, value),
+        _sdpa_kwargs(attn_mask, dropout_p, is_causal, scale, enable_gqa), [0, 1, 2])
+
+
+def scaled_dot_product_attention_cp(query: Tensor, key: Tensor, value: Tensor,
+                                    attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
+                                    is_causal: bool = False, scale: Optional[float] = None,
+                                    enable_gqa: bool = False, *,
+                                    epsilon: float = EPSILON) -> Tensor:
+    r"""``F.scaled_dot_product_attention`` with the CP-LRP rule (Ali et al., 2022): attention
+    weights are constants, ``R_v = v * do/dv(R / stab(o))``; ``q`` and ``k`` get none."""
+    _check_qkv("scaled_dot_product_attention_cp", query, key, value)
+    return CPLRPAttentionRule(epsilon).apply_at(
+        F.scaled_dot_product_attention, (query.detach(), key.detach(), value),
+        _sdpa_kwargs(attn_mask, dropout_p, is_causal, scale, enable_gqa), [2])
+
+
+sdpa = scaled_dot_product_attention
+sdpa_cp = scaled_dot_product_attention_cp

@@ -1,0 +1,197 @@
+"""Drop-in modules: ``nn.Module`` replacements whose backward carries relevance.
+
+Each is built from the module it replaces with ``from_module``, sharing (not copying) its
+parameters, and calls the matching :mod:`lxt.functional` rule.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import functional as lf
+from .rules.base import EPSILON
+
+__all__ = [
+    "LinearEpsilon",
+    "SoftmaxDT",
+    "RMSNormIdentity",
+    "LayerNormEpsilon",
+    "SiLUIdentity",
+    "GELUIdentity",
+    "TanhIdentity",
+    "ReLUIdentity",
+]
+
+
+def _check(cls, module, expected: tuple) -> None:
+    if not isinstance(module, expected):
+        names = " or ".join(t.__name__ for t in expected)
+        raise TypeError(f"lxt: {cls.__name__}.from_module needs a {names}, got {type(module).__name__}.")
+
+
+def _adopt(cls, module: nn.Module, expected: tuple, **attrs):
+    """A ``cls`` instance that shares ``module``'s parameters and buffers (no copy)."""
+    _check(cls, module, expected)
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    for name, p in module.named_parameters(recurse=False):
+        new.register_parameter(name, p)
+    for name, b in module.named_buffers(recurse=False):
+        new.register_buffer(name, b)
+    for k, v in attrs.items():
+        setattr(new, k, v)
+    new.train(module.training)
+    return new
+
+
+class LinearEpsilon(nn.Linear):
+    r"""``nn.Linear`` with the epsilon rule (AttnLRP Eq. 8), see
+    :func:`lxt.functional.linear_epsilon`."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
+                 dtype=None, epsilon: float = EPSILON):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.epsilon = epsilon
+
+    @classmethod
+    def from_module(cls, module: nn.Linear, epsilon: float = EPSILON) -> "LinearEpsilon":
+        """Wrap ``module``'s weight and bias (shared)."""
+        _check(cls, module, (nn.Linear,))
+        new = _adopt(cls, module, (nn.Linear,), in_features=module.in_features,
+                     out_features=module.out_features, epsilon=epsilon)
+        if "bias" not in new._parameters:
+            new.register_parameter("bias", None)
+        return new
+
+    def forward(self, input):
+        return lf.linear_epsilon(input, self.weight, self.bias, self.epsilon)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", epsilon={self.epsilon}"
+
+
+class SoftmaxDT(nn.Softmax):
+    r"""``nn.Softmax`` with deep Taylor decomposition with bias (AttnLRP Prop. 3.1), see
+    :func:`lxt.functional.softmax`."""
+
+    @classmethod
+    def from_module(cls, module: nn.Softmax) -> "SoftmaxDT":
+        _check(cls, module, (nn.Softmax,))
+        return _adopt(cls, module, (nn.Softmax,), dim=module.dim)
+
+    def forward(self, input):
+        return lf.softmax(input, self.dim)
+
+
+def _rms_eps(module) -> float:
+    for name in ("variance_epsilon", "eps", "epsilon"):
+        value = getattr(module, name, None)
+        if isinstance(value, (int, float)):
+            return float(value)
+    raise TypeError(
+        f"lxt: RMSNormIdentity.from_module cannot find the epsilon of {type(module).__name__} "
+        "(looked for variance_epsilon, eps, epsilon)."
+    )
+
+
+class RMSNormIdentity(nn.Module):
+    r"""Llama-style RMSNorm with the identity rule (AttnLRP Prop. 3.4), see
+    :func:`lxt.functional.rms_norm_identity`."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        self.variance_epsilon = eps
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> "RMSNormIdentity":
+        """Wrap any RMSNorm module with a ``weight`` (shared) and an epsilon attribute
+        (``variance_epsilon`` as in HF Llama, or ``eps`` as in ``nn.RMSNorm``)."""
+        if "weight" not in dict(module.named_parameters(recurse=False)) and getattr(module, "weight", 1) is not None:
+            raise TypeError(f"lxt: RMSNormIdentity.from_module needs a module with a weight, got {type(module).__name__}.")
+        return _adopt(cls, module, (nn.Module,), variance_epsilon=_rms_eps(module))
+
+    def forward(self, hidden_states):
+        return lf.rms_norm_identity(hidden_states, self.weight, self.variance_epsilon)
+
+    def extra_repr(self):
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class LayerNormEpsilon(nn.LayerNorm):
+    r"""``nn.LayerNorm`` with the AttnLRP LayerNorm rule (Prop. 3.4), see
+    :func:`lxt.functional.layer_norm`."""
+
+    @classmethod
+    def from_module(cls, module: nn.LayerNorm, epsilon: float = EPSILON) -> "LayerNormEpsilon":
+        _check(cls, module, (nn.LayerNorm,))
+        new = _adopt(cls, module, (nn.LayerNorm,), normalized_shape=module.normalized_shape,
+                     eps=module.eps, elementwise_affine=module.elementwise_affine,
+                     epsilon=epsilon)
+        for name in ("weight", "bias"):
+            if name not in new._parameters:
+                new.register_parameter(name, None)
+        return new
+
+    def forward(self, input):
+        return lf.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps,
+                             epsilon=getattr(self, "epsilon", EPSILON))
+
+
+class _ActivationIdentity(nn.Module):
+    _fn = None
+    _replaces: tuple = ()
+
+    @classmethod
+    def from_module(cls, module: nn.Module):
+        """Build from the activation module it replaces."""
+        return _adopt(cls, module, cls._replaces, **cls._attrs(module))
+
+    @classmethod
+    def _attrs(cls, module):
+        return {}
+
+    def forward(self, input):
+        return lf.identity(type(self)._fn, input, **self._kwargs())
+
+    def _kwargs(self):
+        return {}
+
+
+class SiLUIdentity(_ActivationIdentity):
+    """``nn.SiLU`` with the identity rule (AttnLRP Eq. 9)."""
+
+    _fn = staticmethod(torch.nn.functional.silu)
+    _replaces = (nn.SiLU,)
+
+
+class GELUIdentity(_ActivationIdentity):
+    """``nn.GELU`` with the identity rule (AttnLRP Eq. 9)."""
+
+    _fn = staticmethod(torch.nn.functional.gelu)
+    _replaces = (nn.GELU,)
+
+    def __init__(self, approximate: str = "none"):
+        super().__init__()
+        self.approximate = approximate
+
+    @classmethod
+    def _attrs(cls, module):
+        return {"approximate": module.approximate}
+
+    def _kwargs(self):
+        return {"approximate": self.approximate}
+
+
+class TanhIdentity(_ActivationIdentity):
+    """``nn.Tanh`` with the identity rule (AttnLRP Eq. 9)."""
+
+    _fn = staticmethod(torch.tanh)
+    _replaces = (nn.Tanh,)
+
+
+class ReLUIdentity(_ActivationIdentity):
+    """``nn.ReLU`` with the identity rule (AttnLRP Eq. 9)."""
+
+    _fn = staticmethod(torch.nn.functional.relu)
+    _replaces = (nn.ReLU,)
