@@ -1,7 +1,8 @@
 """lxt — Layer-wise Relevance Propagation (AttnLRP, CP-LRP) for transformers."""
 from . import functional, modules, rules
 from .conservation import conservation
+from .core.composite import Composite, LayerMap
 
 __version__ = "0.1.0"
 
-__all__ = ["functional", "modules", "rules", "conservation", "__version__"]
+__all__ = ["Composite", "LayerMap", "functional", "modules", "rules", "conservation", "__version__"]

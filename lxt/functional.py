@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import operator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -37,6 +39,7 @@ __all__ = [
     "add2",
     "softmax",
     "mul2",
+    "div_const",
     "matmul",
     "rms_norm_identity",
     "rms_norm",
@@ -109,15 +112,23 @@ def add2(input, other, *, alpha=1, epsilon: float = EPSILON) -> Tensor:
     ``R_a = a R / stab(a + b)``, ``R_b = b R / stab(a + b)``, summed back over broadcast
     dimensions.  A constant operand (number, or tensor without ``requires_grad``) absorbs its
     share like a bias."""
-    kwargs = {} if alpha == 1 else {"alpha": alpha}
-    return _epsilon_rule(epsilon).apply_at(torch.add, (input, other), kwargs,
-                                           _tensors(input, other))
+    fn, kwargs = (operator.add, {}) if alpha == 1 else (torch.add, {"alpha": alpha})
+    return _epsilon_rule(epsilon).apply_at(fn, (input, other), kwargs, _tensors(input, other))
 
 
 def mul2(input, other) -> Tensor:
     r"""``input * other`` with the uniform rule (AttnLRP Prop. 3.2): ``R_a = R_b = R / 2``.
     With one constant factor it is the identity rule ``R_x = R``."""
-    return _UNIFORM.apply_at(torch.mul, (input, other), {}, _tensors(input, other))
+    return _UNIFORM.apply_at(operator.mul, (input, other), {}, _tensors(input, other))
+
+
+def div_const(input, other) -> Tensor:
+    r"""``input / other``: by a constant (number, or tensor without ``requires_grad``) it is a
+    scale and gets the identity rule ``R_x = R``; a variable divisor gets the epsilon rule."""
+    if isinstance(other, Tensor) and other.requires_grad:
+        return _epsilon_rule(EPSILON).apply_at(operator.truediv, (input, other), {},
+                                               _tensors(input, other))
+    return _IDENTITY.apply_at(operator.truediv, (input, other), {}, _tensors(input))
 
 
 def matmul(input: Tensor, other: Tensor, epsilon: float = EPSILON) -> Tensor:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from . import functional as lf
+from .core.opaque import LxtModule
 from .rules.base import EPSILON
 
 __all__ = [
@@ -44,7 +45,7 @@ def _adopt(cls, module: nn.Module, expected: tuple, **attrs):
     return new
 
 
-class LinearEpsilon(nn.Linear):
+class LinearEpsilon(LxtModule, nn.Linear):
     r"""``nn.Linear`` with the epsilon rule (AttnLRP Eq. 8), see
     :func:`lxt.functional.linear_epsilon`."""
 
@@ -63,14 +64,14 @@ class LinearEpsilon(nn.Linear):
             new.register_parameter("bias", None)
         return new
 
-    def forward(self, input):
+    def lrp_forward(self, input):
         return lf.linear_epsilon(input, self.weight, self.bias, self.epsilon)
 
     def extra_repr(self):
         return super().extra_repr() + f", epsilon={self.epsilon}"
 
 
-class SoftmaxDT(nn.Softmax):
+class SoftmaxDT(LxtModule, nn.Softmax):
     r"""``nn.Softmax`` with deep Taylor decomposition with bias (AttnLRP Prop. 3.1), see
     :func:`lxt.functional.softmax`."""
 
@@ -79,7 +80,7 @@ class SoftmaxDT(nn.Softmax):
         _check(cls, module, (nn.Softmax,))
         return _adopt(cls, module, (nn.Softmax,), dim=module.dim)
 
-    def forward(self, input):
+    def lrp_forward(self, input):
         return lf.softmax(input, self.dim)
 
 
@@ -94,7 +95,7 @@ def _rms_eps(module) -> float:
     )
 
 
-class RMSNormIdentity(nn.Module):
+class RMSNormIdentity(LxtModule):
     r"""Llama-style RMSNorm with the identity rule (AttnLRP Prop. 3.4), see
     :func:`lxt.functional.rms_norm_identity`."""
 
@@ -111,14 +112,14 @@ class RMSNormIdentity(nn.Module):
             raise TypeError(f"lxt: RMSNormIdentity.from_module needs a module with a weight, got {type(module).__name__}.")
         return _adopt(cls, module, (nn.Module,), variance_epsilon=_rms_eps(module))
 
-    def forward(self, hidden_states):
+    def lrp_forward(self, hidden_states):
         return lf.rms_norm_identity(hidden_states, self.weight, self.variance_epsilon)
 
     def extra_repr(self):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
 
 
-class LayerNormEpsilon(nn.LayerNorm):
+class LayerNormEpsilon(LxtModule, nn.LayerNorm):
     r"""``nn.LayerNorm`` with the AttnLRP LayerNorm rule (Prop. 3.4), see
     :func:`lxt.functional.layer_norm`."""
 
@@ -133,12 +134,12 @@ class LayerNormEpsilon(nn.LayerNorm):
                 new.register_parameter(name, None)
         return new
 
-    def forward(self, input):
+    def lrp_forward(self, input):
         return lf.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps,
                              epsilon=getattr(self, "epsilon", EPSILON))
 
 
-class _ActivationIdentity(nn.Module):
+class _ActivationIdentity(LxtModule):
     _fn = None
     _replaces: tuple = ()
 
@@ -151,7 +152,7 @@ class _ActivationIdentity(nn.Module):
     def _attrs(cls, module):
         return {}
 
-    def forward(self, input):
+    def lrp_forward(self, input):
         return lf.identity(type(self)._fn, input, **self._kwargs())
 
     def _kwargs(self):

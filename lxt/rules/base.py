@@ -15,6 +15,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from ..core.opaque import LxtModule
+
 #: Default stabiliser of the epsilon family (linear, add, matmul, mean, layer norm, attention).
 #: Small enough to leave float32 relevance unchanged to round-off, large enough to keep
 #: ``R / z`` finite where an output is exactly zero.
@@ -278,7 +280,7 @@ class Rule:
         raise NotImplementedError
 
 
-class RuleModule(torch.nn.Module):
+class RuleModule(LxtModule):
     """An ``nn.Module`` that runs a wrapped module under a :class:`Rule`.
 
     The wrapped module is kept as the child ``module`` (same object, weights shared), so
@@ -290,7 +292,7 @@ class RuleModule(torch.nn.Module):
         self.rule = rule
         self.module = module
 
-    def forward(self, *args, **kwargs):
+    def lrp_forward(self, *args, **kwargs):
         return self.rule.apply(self.module, *args, **kwargs)
 
     def __getattr__(self, name: str):

@@ -1,0 +1,76 @@
+"""Entries shared by the architecture tables (data, not code: each table lists its own)."""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+
+from .. import functional as lf
+from .. import modules as lm
+from ..rules import EpsilonRule, IdentityRule
+
+
+def detached_softmax(input, dim=None, _stacklevel=3, dtype=None):
+    """CP-LRP in eager attention: the attention weights are constants (no relevance to q, k)."""
+    return F.softmax(input, dim=dim, dtype=dtype).detach()
+
+
+def gate_detached_mul(gate, up):
+    """CP-LRP gated MLP: ``act(gate(x)) * up(x)`` with the gate branch detached, so relevance
+    goes through the up projection (identity rule on the product)."""
+    return lf.mul2(gate.detach(), up)
+
+
+def with_epsilon(fn, epsilon):
+    """``fn`` with its ``epsilon`` keyword fixed (``fn`` itself for the default)."""
+    if epsilon is None:
+        return fn
+
+    def wrapped(*args, **kwargs):
+        kwargs.setdefault("epsilon", epsilon)
+        return fn(*args, **kwargs)
+
+    wrapped.__name__ = wrapped.__qualname__ = f"{fn.__name__}[epsilon={epsilon:g}]"
+    wrapped.__doc__ = fn.__doc__
+    return wrapped
+
+
+def attention_calls(cp: bool, epsilon=None) -> dict:
+    """Attention in both implementations: fused sdpa, and eager matmul -> softmax -> matmul."""
+    sdpa = lf.scaled_dot_product_attention_cp if cp else lf.scaled_dot_product_attention
+    softmax = detached_softmax if cp else lf.softmax
+    return {
+        F.scaled_dot_product_attention: with_epsilon(sdpa, epsilon),
+        F.softmax: softmax,
+        "softmax": softmax,
+        torch.matmul: with_epsilon(lf.matmul, epsilon),
+    }
+
+
+def arithmetic(epsilon=None) -> dict:
+    """Elementwise arithmetic as it appears in traced forwards."""
+    add = with_epsilon(lf.add2, epsilon)
+    return {
+        operator.add: add,
+        torch.add: add,
+        "add": add,
+        operator.mul: lf.mul2,
+        torch.mul: lf.mul2,
+        "mul": lf.mul2,
+        operator.neg: IdentityRule,  # rotate_half: -x carries x's relevance, not -R
+        operator.truediv: lf.div_const,
+    }
+
+
+def epsilon_rule(epsilon):
+    return EpsilonRule if epsilon is None else EpsilonRule(epsilon)
+
+
+def layer_norm_module(epsilon):
+    """LayerNorm modules -> :class:`lxt.modules.LayerNormEpsilon` (sharing the weights)."""
+    if epsilon is None:
+        return lm.LayerNormEpsilon
+    factory = lambda module: lm.LayerNormEpsilon.from_module(module, epsilon=epsilon)  # noqa: E731
+    factory.__name__ = factory.__qualname__ = f"LayerNormEpsilon[epsilon={epsilon:g}]"
+    return factory

@@ -1,0 +1,45 @@
+"""BERT tables: AttnLRP and CP-LRP.
+
+Epsilon on linear layers and on the embedding sums (relevance lands on the word embeddings;
+position and token-type embeddings are constants that absorb their share like biases), the
+LayerNorm rule (identity on 1/std, epsilon on the centring), identity on GELU and the pooler's
+tanh, AttnLRP (or CP-LRP) attention with padding masks.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import functional as lf
+from .. import modules as lm
+from ..core.composite import Composite
+from ._common import arithmetic, attention_calls, epsilon_rule, layer_norm_module, with_epsilon
+
+
+def layer_map(cp: bool = False, model_type: str = "bert", epsilon=None) -> dict:
+    """The table (first match wins); ``epsilon`` sets every epsilon-family stabiliser."""
+    table = {
+        nn.Linear: epsilon_rule(epsilon),
+        nn.LayerNorm: layer_norm_module(epsilon),
+        nn.GELU: lm.GELUIdentity,
+        nn.Tanh: lm.TanhIdentity,
+        F.layer_norm: with_epsilon(lf.layer_norm, epsilon),
+        F.gelu: lf.gelu,
+        torch.tanh: lf.tanh,
+        "tanh": lf.tanh,
+    }
+    table.update(attention_calls(cp, epsilon))
+    table.update(arithmetic(epsilon))
+    return table
+
+
+def attnlrp(overrides=None, model_type: str = "bert", epsilon=None, **kwargs) -> Composite:
+    """A fresh AttnLRP composite for BERT (``BertModel``, ``BertForSequenceClassification``,
+    ``BertForMaskedLM``)."""
+    return Composite(layer_map(False, epsilon=epsilon), overrides, name="AttnLRP[bert]", **kwargs)
+
+
+def cp_lrp(overrides=None, model_type: str = "bert", epsilon=None, **kwargs) -> Composite:
+    """A fresh CP-LRP composite for BERT."""
+    return Composite(layer_map(True, epsilon=epsilon), overrides, name="CP-LRP[bert]", **kwargs)

@@ -1,0 +1,1 @@
+"""Composite machinery: module replacement, graph capture and rewrite, restore."""

@@ -1,0 +1,492 @@
+"""``Composite``: patch an unmodified model so that backward carries relevance, and restore it.
+
+A composite is a layer map (``matcher -> rule``; first match wins) plus per-layer override
+maps.  ``register(model)``
+
+1. replaces the modules the map names (``nn.Linear -> EpsilonRule``) by rule-carrying modules,
+2. captures the forward with TorchDynamo and rewrites the functional calls the map names
+   (``operator.add -> lf.add2``, ``"mul" -> lf.mul2``) in the captured graph,
+3. freezes the parameters (weights are constants of the rules; no relevance flows to them).
+
+Every change is recorded before it is made; ``remove()`` undoes all of them.
+"""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import inspect
+import warnings
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+import torch
+from torch import nn
+
+from ..rules.base import Rule
+from .opaque import LxtModule
+from .tracing import Capture, OpRecord, PatchedForward, classify, make_backend, target_name
+
+__all__ = ["Composite", "LayerMap"]
+
+
+def _describe(obj) -> str:
+    if isinstance(obj, type):
+        return obj.__name__
+    if isinstance(obj, Rule):
+        return repr(obj)
+    if isinstance(obj, tuple):
+        return "(" + ", ".join(_describe(o) for o in obj) + ")"
+    return getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None) or repr(obj)
+
+
+def _is_module_type(key) -> bool:
+    return isinstance(key, type) and issubclass(key, nn.Module)
+
+
+def _is_rule_value(value) -> bool:
+    return isinstance(value, Rule) or (isinstance(value, type) and issubclass(value, Rule))
+
+
+class LayerMap:
+    """An ordered ``matcher -> value`` table; the first matching entry wins.
+
+    Matchers
+    --------
+    - an ``nn.Module`` subclass: modules of that type (subclasses included);
+    - a function (``operator.add``, ``F.scaled_dot_product_attention``, ``torch.matmul``):
+      calls of it in the captured graph;
+    - a string: calls of that ``torch.Tensor`` method in the captured graph (``"mul"``);
+    - a pair ``(ModuleType, function_or_method)``: such calls made directly inside modules of
+      that type (e.g. ``(LlamaMLP, operator.mul)``);
+    - a pair ``(ParentType, ModuleType)``: modules of the second type that are children of a
+      module of the first (e.g. ``(ViTIntermediate, nn.Linear)``).
+
+    Values
+    ------
+    - for modules: a :class:`lxt.rules.Rule` (class or instance), an lxt module class with
+      ``from_module`` (``lxt.modules.LinearEpsilon``) or a callable ``module -> nn.Module``;
+    - for calls: an lxt functional (or any callable with the signature of the call it
+      replaces) or a Rule;
+    - ``None``: leave it with plain gradients (useful in overrides).
+    """
+
+    def __init__(self, entries: Mapping | Iterable | None = None, *, where: str = "layer map"):
+        self.entries: list[tuple[Any, Any]] = []
+        if entries is None:
+            return
+        if isinstance(entries, LayerMap):
+            self.entries = list(entries.entries)
+            return
+        items = entries.items() if isinstance(entries, Mapping) else entries
+        for item in items:
+            try:
+                key, value = item
+            except (TypeError, ValueError):
+                raise TypeError(f"lxt: {where} entries are (matcher, rule) pairs, got {item!r}.") from None
+            self._check(key, value, where)
+            self.entries.append((key, value))
+
+    @staticmethod
+    def _check(key, value, where: str) -> None:
+        hint = ("Use a module type (nn.Linear), a function seen in the forward (operator.add, "
+                "F.scaled_dot_product_attention), a Tensor method name ('mul') or a pair "
+                "(ModuleType, function).")
+        if isinstance(key, tuple):
+            if len(key) != 2 or not _is_module_type(key[0]) or isinstance(key[1], tuple):
+                raise TypeError(f"lxt: {where} key {key!r} is not a (ModuleType, function) or "
+                                f"(ParentType, ModuleType) pair. {hint}")
+            LayerMap._check(key[1], value, where)
+            return
+        if _is_module_type(key):
+            ok = (value is None or _is_rule_value(value) or hasattr(value, "from_module")
+                  or (callable(value) and not isinstance(value, type)))
+            if not ok:
+                raise TypeError(
+                    f"lxt: {where} maps module type {key.__name__} to {_describe(value)}, which "
+                    "is neither a Rule, an lxt module class (with from_module) nor a factory "
+                    "module -> nn.Module."
+                )
+            return
+        if isinstance(key, str):
+            if not hasattr(torch.Tensor, key):
+                raise TypeError(f"lxt: {where} key {key!r} is not a torch.Tensor method name. {hint}")
+        elif isinstance(key, type) or not callable(key):
+            raise TypeError(f"lxt: {where} key {key!r} ({type(key).__name__}) is neither a module type, "
+                            f"a function nor a Tensor method name. {hint}")
+        if not (value is None or _is_rule_value(value) or callable(value)):
+            raise TypeError(f"lxt: {where} maps {_describe(key)} to {value!r}, which is not callable.")
+        if isinstance(value, type) and issubclass(value, nn.Module):
+            raise TypeError(f"lxt: {where} maps the call {_describe(key)} to the module class "
+                            f"{value.__name__}; calls take a functional or a Rule.")
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def __len__(self):
+        return len(self.entries)
+
+    def module_value(self, module: nn.Module, parent: Optional[nn.Module] = None):
+        for key, value in self.entries:
+            if _is_module_type(key) and isinstance(module, key):
+                return True, value, key
+            if (isinstance(key, tuple) and _is_module_type(key[1]) and parent is not None
+                    and isinstance(parent, key[0]) and isinstance(module, key[1])):
+                return True, value, key
+        return False, None, None
+
+    def call_value(self, target, owner_type):
+        for key, value in self.entries:
+            if isinstance(key, tuple):
+                scope, fn = key
+                if _is_module_type(fn):
+                    continue
+                if owner_type is not None and issubclass(owner_type, scope) and _same_target(fn, target):
+                    return True, value, key
+            elif not _is_module_type(key) and _same_target(key, target):
+                return True, value, key
+        return False, None, None
+
+    def __repr__(self):
+        rows = ", ".join(f"{_describe(k)}: {_describe(v)}" for k, v in self.entries)
+        return f"LayerMap({{{rows}}})"
+
+
+def _same_target(key, target) -> bool:
+    if isinstance(key, str) or isinstance(target, str):
+        return key == target
+    return key is target
+
+
+def _matches(pattern: str, names: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(n, pattern) for n in names)
+
+
+def _ancestors(qualname: str) -> list[str]:
+    """``a.b.c`` -> ``['a', 'a.b', 'a.b.c']``."""
+    parts = qualname.split(".") if qualname else []
+    return [".".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+class Composite:
+    """Patch an existing model so that backward carries LRP relevance; restore it exactly.
+
+    Parameters
+    ----------
+    layer_map : mapping or iterable of pairs
+        ``matcher -> rule`` entries, first match wins (see :class:`LayerMap`).
+    overrides : mapping of str to layer map, optional
+        ``{"model.layers.0.*": {nn.Linear: GammaRule(gamma=0.25)}}``: for modules whose
+        qualified name (or an ancestor's) matches the glob pattern, and for graph calls owned
+        by such modules, these entries come before the layer map.  Earlier patterns first.
+    trace : bool
+        Capture the forward with TorchDynamo and rewrite functional calls (default).  With
+        ``False`` only modules are replaced.
+    freeze_parameters : bool
+        Set ``requires_grad=False`` on every parameter while registered (restored by
+        ``remove``), so weights are constants of the rules.
+    name : str, optional
+        Shown by :meth:`summary`.
+
+    Examples
+    --------
+    >>> comp = Composite({nn.Linear: rules.EpsilonRule, operator.add: lf.add2})
+    >>> with comp.context(model) as m:
+    ...     logits = m(inputs_embeds=emb).logits
+    ...     logits[0, -1, target].backward()
+    >>> relevance = emb.grad.sum(-1)
+    """
+
+    def __init__(self, layer_map=None, overrides: Optional[Mapping] = None, *, trace: bool = True,
+                 freeze_parameters: bool = True, name: Optional[str] = None):
+        self.layer_map = LayerMap(layer_map)
+        if overrides is not None and not isinstance(overrides, Mapping):
+            raise TypeError("lxt: overrides is a dict {'qualified.name.pattern*': {matcher: rule}}.")
+        self.overrides: list[tuple[str, LayerMap]] = []
+        for pattern, sub in (overrides or {}).items():
+            if not isinstance(pattern, str):
+                raise TypeError(f"lxt: override keys are qualified-name patterns (str), got {pattern!r}.")
+            if not isinstance(sub, (Mapping, LayerMap)):
+                raise TypeError(f"lxt: override {pattern!r} must map to a layer map dict, got {type(sub).__name__}.")
+            self.overrides.append((pattern, LayerMap(sub, where=f"override {pattern!r}")))
+        self.trace = trace
+        self.freeze_parameters = freeze_parameters
+        self.name = name or "Composite"
+        self.model: Optional[nn.Module] = None
+        self._undo: list[Callable[[], None]] = []
+        self._modules: list[tuple[str, str, str]] = []  # (name, type, rule)
+        self._capture: Optional[Capture] = None
+        self._forward: Optional[PatchedForward] = None
+
+    # ------------------------------------------------------------------ lookup
+    def _maps_for(self, names: list[str]) -> list[LayerMap]:
+        maps = [m for pattern, m in self.overrides if _matches(pattern, names)]
+        return maps + [self.layer_map]
+
+    def _module_value(self, qualname: str, module: nn.Module, parent: Optional[nn.Module] = None):
+        for lm in self._maps_for(_ancestors(qualname)):
+            found, value, key = lm.module_value(module, parent)
+            if found:
+                return found, value
+        return False, None
+
+    def _resolve_call(self, target, stack):
+        """(replacement, label) for a graph call, or (None, None) for plain gradient."""
+        names = [n for n, _ in stack if n]
+        owner_type = stack[-1][1] if stack else None
+        for lm in self._maps_for(names):
+            found, value, key = lm.call_value(target, owner_type)
+            if found:
+                if value is None:
+                    return None, None
+                return _call_replacement(value, target), _describe(value)
+        return None, None
+
+    # ------------------------------------------------------------------ register / remove
+    def register(self, model: nn.Module) -> nn.Module:
+        """Patch ``model`` in place and return it.
+
+        Registering again with this composite first restores the previous registration; a
+        model registered by another composite is refused (call that composite's ``remove``).
+        Nothing is left half-patched: if building a rule fails, every change is undone and
+        the error names the module.
+        """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"lxt: Composite.register needs an nn.Module, got {type(model).__name__}.")
+        self.remove()
+        other = getattr(model.__dict__.get("forward"), "lxt_composite", None)
+        if other is not None or _holds_lxt_wrappers(model):
+            raise RuntimeError(
+                "lxt: this model is already registered with another composite; call its "
+                "remove() (or leave its context) before registering a new one."
+            )
+        if model.training:
+            warnings.warn("lxt: the model is in training mode (dropout is active); call "
+                          "model.eval() for deterministic explanations.", stacklevel=2)
+        self._check_overrides(model)
+        plan = self._plan_modules(model)  # builds every replacement before changing anything
+        self.model = model
+        try:
+            for parent, child_name, original, replacement, qualname, label in plan:
+                self._swap(parent, child_name, original, replacement)
+                self._modules.append((qualname, type(original).__name__, label))
+            if self.freeze_parameters:
+                self._freeze(model)
+            self._patch_forward(model)
+        except BaseException:
+            self.remove()
+            raise
+        return model
+
+    def remove(self) -> None:
+        """Undo every change of :meth:`register` (in reverse order). Safe to call twice."""
+        while self._undo:
+            undo = self._undo.pop()
+            undo()
+        if self._forward is not None:
+            self._forward.release()
+        self._forward = None
+        self.model = None
+        self._modules = []
+
+    @contextlib.contextmanager
+    def context(self, model: nn.Module):
+        """``with comp.context(model) as m:`` registers, yields the model, and restores it on
+        exit — also when the body raises (KeyboardInterrupt included)."""
+        self.register(model)
+        try:
+            yield model
+        finally:
+            self.remove()
+
+    def __enter__(self):
+        raise TypeError("lxt: use `with composite.context(model) as m:`.")
+
+    def __exit__(self, *exc):  # pragma: no cover - symmetric to __enter__
+        return False
+
+    # ------------------------------------------------------------------ pieces
+    def _check_overrides(self, model: nn.Module) -> None:
+        names = [n for n, _ in model.named_modules() if n]
+        for pattern, _ in self.overrides:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                warnings.warn(f"lxt: override pattern {pattern!r} matches no module of "
+                              f"{type(model).__name__}; it has no effect.", stacklevel=3)
+
+    def _plan_modules(self, model: nn.Module) -> list:
+        plan = []
+
+        def visit(parent: nn.Module, prefix: str):
+            for child_name, child in list(parent._modules.items()):
+                if child is None:
+                    continue
+                qualname = f"{prefix}.{child_name}" if prefix else child_name
+                if isinstance(child, LxtModule):
+                    continue  # already carries a rule: never nest
+                found, value = self._module_value(qualname, child, parent)
+                if found and value is not None:
+                    replacement = _build_module(value, child, qualname)
+                    plan.append((parent, child_name, child, replacement, qualname, _describe(value)))
+                    continue
+                visit(child, qualname)
+
+        visit(model, "")
+        return plan
+
+    def _swap(self, parent: nn.Module, name: str, original: nn.Module, replacement: nn.Module):
+        def undo(parent=parent, name=name, original=original):
+            parent._modules[name] = original
+
+        self._undo.append(undo)
+        parent._modules[name] = replacement
+
+    def _freeze(self, model: nn.Module) -> None:
+        params = list(model.parameters())
+        flags = [p.requires_grad for p in params]
+
+        def undo(params=params, flags=flags):
+            for p, f in zip(params, flags):
+                p.requires_grad_(f)
+
+        self._undo.append(undo)
+        for p in params:
+            p.requires_grad_(False)
+
+    def _patch_forward(self, model: nn.Module) -> None:
+        had = "forward" in model.__dict__
+        previous = model.__dict__.get("forward")
+
+        def undo(model=model, had=had, previous=previous):
+            if had:
+                model.__dict__["forward"] = previous
+            else:
+                model.__dict__.pop("forward", None)
+
+        self._undo.append(undo)
+        names = {str(id(m)): n for n, m in model.named_modules()}
+        self._capture = Capture()
+        backend = make_backend(self._resolve_call, names, self._capture)
+        original = model.forward  # bound method (or a previous instance forward, e.g. accelerate's)
+        patched = PatchedForward(original, backend, self._capture, self.trace)
+        self._forward = patched
+
+        def forward(*args, **kwargs):
+            return patched(*args, **kwargs)
+
+        forward.__wrapped__ = original  # inspect.signature(model.forward) stays the model's
+        forward.__signature__ = inspect.signature(original)
+        forward.__name__ = "forward"
+        forward.__doc__ = getattr(original, "__doc__", None)
+        forward.lxt_composite = self
+        model.__dict__["forward"] = forward
+
+    # ------------------------------------------------------------------ report
+    @property
+    def captured_ops(self) -> list[OpRecord]:
+        """Every floating-point operation captured so far (after at least one forward)."""
+        return [r for g in (self._capture.graphs if self._capture else []) for r in g]
+
+    def summary(self) -> "Summary":
+        """What every replaced module and captured operation got.
+
+        Modules are known after ``register``; operations after the first forward.  Operations
+        left with plain gradients are marked *compatible* (their gradient is the relevance:
+        reshapes, indexing, dtype casts), *not LRP-safe* (they need a rule: products, sums,
+        nonlinearities) or *unknown*.
+        """
+        return Summary(self)
+
+    def __repr__(self):
+        state = f"registered on {type(self.model).__name__}" if self.model is not None else "not registered"
+        return f"<{self.name}: {len(self.layer_map)} entries, {len(self.overrides)} overrides, {state}>"
+
+
+def _holds_lxt_wrappers(model: nn.Module) -> bool:
+    from ..rules.base import RuleModule
+
+    return any(isinstance(m, RuleModule) for m in model.modules())
+
+
+def _build_module(value, module: nn.Module, qualname: str) -> nn.Module:
+    try:
+        if isinstance(value, type) and issubclass(value, Rule):
+            value = value()
+        if isinstance(value, Rule):
+            return value(module)
+        if hasattr(value, "from_module"):
+            new = value.from_module(module)
+        else:
+            new = value(module)
+        if not isinstance(new, nn.Module):
+            raise TypeError(f"the factory returned {type(new).__name__}, not an nn.Module")
+        return new
+    except Exception as err:
+        raise TypeError(
+            f"lxt: cannot build {_describe(value)} for module '{qualname}' "
+            f"({type(module).__name__}): {err}"
+        ) from err
+
+
+def _call_replacement(value, target) -> Callable:
+    if isinstance(value, type) and issubclass(value, Rule):
+        value = value()
+    if isinstance(value, Rule):
+        fn = getattr(torch.Tensor, target) if isinstance(target, str) else target
+        return value(fn)
+    return value
+
+
+class Summary:
+    """Table of what a composite did to a model (``print(comp.summary())``)."""
+
+    def __init__(self, comp: Composite):
+        self.name = comp.name
+        self.model_type = type(comp.model).__name__ if comp.model is not None else None
+        self.modules = list(comp._modules)
+        ops = [r for r in comp.captured_ops if r.status != "module rule"]
+        if any(r.on_path for r in ops):
+            ops = [r for r in ops if r.on_path]
+        self.ops = ops
+        cap = comp._capture
+        self.failure = cap.failure if cap else None
+        self.graph_breaks = cap.graph_breaks if cap else 0
+        self.n_graphs = len(cap.graphs) if cap else 0
+
+    @property
+    def plain(self) -> list[OpRecord]:
+        """Captured operations left with plain gradients."""
+        return [r for r in self.ops if not r.rewritten]
+
+    @property
+    def unsafe(self) -> list[OpRecord]:
+        """Captured operations left with plain gradients that need an LRP rule."""
+        return [r for r in self.ops if not r.rewritten and r.status != "compatible"]
+
+    def __str__(self) -> str:
+        lines = [f"{self.name} on {self.model_type or '(no model)'}"]
+        lines.append(f"  modules replaced: {len(self.modules)}")
+        agg: dict = {}
+        for name, typ, rule in self.modules:
+            agg.setdefault((typ, rule), []).append(name)
+        for (typ, rule), names in agg.items():
+            lines.append(f"    {len(names):4d} x {typ:<28} -> {rule}   e.g. {names[0]}")
+        if self.failure:
+            lines.append(f"  capture FAILED: {self.failure}")
+            lines.append("    functional calls outside replaced modules carry plain gradients")
+        elif self.n_graphs == 0:
+            lines.append("  operations: not captured yet (run a forward first)")
+        else:
+            lines.append(f"  captured graphs: {self.n_graphs} (graph breaks: {self.graph_breaks})")
+            groups: dict = {}
+            for r in self.ops:
+                groups.setdefault((r.op, r.status, r.rewritten), []).append(r.module or "(top level)")
+            lines.append("  operations rewritten:")
+            for (op, status, rewritten), owners in sorted(groups.items(), key=lambda kv: str(kv[0])):
+                if rewritten:
+                    lines.append(f"    {len(owners):4d} x {op:<30} -> {status}   e.g. in {owners[0]}")
+            lines.append("  operations left with plain gradient:")
+            for (op, status, rewritten), owners in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+                if not rewritten:
+                    lines.append(f"    {len(owners):4d} x {op:<30} [{status}]   e.g. in {owners[0]}")
+        return "\n".join(lines)
+
+    def __repr__(self):
+        return str(self)

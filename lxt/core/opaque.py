@@ -1,0 +1,91 @@
+"""Keep lxt's rule modules opaque to TorchDynamo.
+
+A rule runs an autograd Function whose forward keeps a sub-graph and whose backward calls
+``torch.autograd.grad``: Dynamo must not trace into it.  When a model holding lxt modules is
+captured, each lxt module call becomes one graph node calling :func:`opaque_module_call` with the
+module's integer key; at run time the node calls the module's rule, and during Dynamo's
+fake-tensor shape propagation it runs the module on fake copies of its parameters.
+"""
+from __future__ import annotations
+
+import itertools
+import weakref
+
+import torch
+from torch import nn
+
+_MODULES: "weakref.WeakValueDictionary[int, LxtModule]" = weakref.WeakValueDictionary()
+_KEYS = itertools.count(1)
+
+
+def _is_fake(t) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
+
+
+def _fake_mode(args, kwargs):
+    for a in itertools.chain(args, kwargs.values()):
+        if _is_fake(a):
+            return a.fake_mode
+    return None
+
+
+@torch._dynamo.allow_in_graph
+def opaque_module_call(key: int, *args, **kwargs):
+    """Call the lxt module registered under ``key`` (see module docstring)."""
+    module = _MODULES[key]
+    mode = _fake_mode(args, kwargs)
+    if mode is None:
+        return module.lrp_forward(*args, **kwargs)
+    # shape propagation at capture time: same computation on fake parameters
+    state = {n: mode.from_tensor(t, static_shapes=True) for n, t in
+             itertools.chain(module.named_parameters(), module.named_buffers())}
+    with torch.no_grad():
+        return torch.func.functional_call(_Plain(module), _prefixed(state), args, kwargs)
+
+
+def _prefixed(state):
+    return {"m." + k: v for k, v in state.items()}
+
+
+class _Plain(nn.Module):
+    """Runs ``m.lrp_forward`` (not the opaque dispatch) under ``functional_call``."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, *args, **kwargs):
+        return self.m.lrp_forward(*args, **kwargs)
+
+
+class LxtModule(nn.Module):
+    """Base of every lxt module: ``forward`` runs :meth:`lrp_forward`, as one opaque node when
+    TorchDynamo captures the model."""
+
+    def __new__(cls, *args, **kwargs):
+        obj = super().__new__(cls)
+        key = next(_KEYS)
+        obj.__dict__["_lxt_key"] = key
+        _MODULES[key] = obj
+        return obj
+
+    def __deepcopy__(self, memo):
+        # a copy is a new module: it gets its own key
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        import copy
+
+        for k, v in self.__dict__.items():
+            if k != "_lxt_key":
+                new.__dict__[k] = copy.deepcopy(v, memo)
+        return new
+
+    def forward(self, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            return opaque_module_call(self.__dict__["_lxt_key"], *args, **kwargs)
+        return self.lrp_forward(*args, **kwargs)
+
+    def lrp_forward(self, *args, **kwargs):  # pragma: no cover - abstract
+        raise NotImplementedError

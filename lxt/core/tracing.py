@@ -1,0 +1,222 @@
+"""Capture a model's forward with TorchDynamo and rewrite its functional calls.
+
+The model's ``forward`` is replaced (instance attribute) by a trampoline with a code object of
+its own, compiled with a backend that rewrites each captured ``torch.fx`` graph and runs it
+eagerly.  Dynamo's cache lives on that code object only, so a registration never shares
+compiled code with another model, another composite or the user's own ``torch.compile``, and
+removing it drops the cache with it.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import operator
+import types
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from .opaque import opaque_module_call
+
+_TRAMPOLINES = itertools.count(1)
+
+#: ops whose plain gradient already is the LRP relevance (pure data movement or
+#: relevance-neutral for the rules used here)
+COMPATIBLE = {
+    "view", "reshape", "permute", "transpose", "contiguous", "expand", "expand_as", "unsqueeze",
+    "squeeze", "flatten", "unflatten", "getitem", "cat", "stack", "split", "chunk", "to", "float",
+    "double", "bfloat16", "half", "type_as", "clone", "detach", "dropout", "embedding", "repeat",
+    "repeat_interleave", "narrow", "select", "index_select", "gather", "masked_fill", "movedim",
+    "t", "T", "flip", "roll", "pad", "unbind", "view_as", "reshape_as", "identity", "where",
+    "_set_grad_enabled", "_log_api_usage_once", "interpolate",
+}
+#: ops whose plain gradient is not relevance (LRP needs a rule there)
+NOT_LRP_SAFE = {
+    "add", "iadd", "sub", "isub", "mul", "imul", "truediv", "div", "neg", "matmul", "bmm", "mm",
+    "linear", "conv1d", "conv2d", "conv3d", "softmax", "log_softmax", "layer_norm", "rms_norm",
+    "group_norm", "batch_norm", "mean", "sum", "pow", "rsqrt", "sqrt", "exp", "log", "tanh",
+    "sigmoid", "silu", "gelu", "relu", "scaled_dot_product_attention", "einsum", "baddbmm",
+    "addmm", "normalize", "cos", "sin", "abs", "max", "min", "amax", "logsumexp", "erf",
+}
+
+
+def target_name(target) -> str:
+    """Short name of a graph node's target (``operator.add`` -> ``add``)."""
+    if isinstance(target, str):
+        return target
+    return getattr(target, "__name__", None) or repr(target)
+
+
+def classify(target) -> str:
+    name = target_name(target).strip("_")
+    if name in COMPATIBLE:
+        return "compatible"
+    if name in NOT_LRP_SAFE:
+        return "not LRP-safe"
+    return "unknown"
+
+
+@dataclass
+class OpRecord:
+    """One captured operation: where it is, what it is, what it got."""
+
+    module: str
+    op: str
+    status: str  # the rule / functional it got, or compatible / not LRP-safe / unknown
+    rewritten: bool
+    graph: int
+    on_path: bool = True  # its output required grad when captured (relevance flows through it)
+
+
+@dataclass
+class Capture:
+    """What the backend saw: one entry per captured graph."""
+
+    graphs: list = field(default_factory=list)  # list[list[OpRecord]]
+    failure: Optional[str] = None
+    graph_breaks: int = 0
+
+
+def _floating_tensor_meta(arg) -> bool:
+    if isinstance(arg, fx.Node):
+        v = arg.meta.get("example_value")
+        return isinstance(v, torch.Tensor) and v.is_floating_point()
+    return False
+
+
+def _any_floating(node: fx.Node) -> bool:
+    return any(_floating_tensor_meta(a) for a in itertools.chain(node.args, node.kwargs.values()))
+
+
+def module_stack(node: fx.Node, names: dict) -> list:
+    """``[(qualified_name, module_type), ...]`` outermost -> innermost for a node."""
+    stack = node.meta.get("nn_module_stack") or {}
+    out = []
+    for key, (path, typ) in stack.items():
+        name = names.get(str(key))
+        if name is None:
+            name = str(path).replace("L['self']", "", 1).lstrip(".")
+        out.append((name, typ))
+    return out
+
+
+def make_backend(resolve: Callable, names: dict, capture: Capture) -> Callable:
+    """A Dynamo backend that rewrites ``call_function`` / ``call_method`` nodes.
+
+    ``resolve(target, stack)`` returns ``(replacement, label)`` or ``(None, None)``.
+    """
+
+    def backend(gm: fx.GraphModule, example_inputs):
+        index = len(capture.graphs)
+        records = []
+        for node in gm.graph.nodes:
+            if node.op not in ("call_function", "call_method"):
+                continue
+            if not _any_floating(node):
+                continue
+            stack = module_stack(node, names)
+            owner = stack[-1][0] if stack else ""
+            value = node.meta.get("example_value")
+            on_path = isinstance(value, torch.Tensor) and value.requires_grad
+            if node.target is opaque_module_call:
+                records.append(OpRecord(owner, "module", "module rule", True, index, on_path))
+                continue
+            replacement, label = resolve(node.target, stack)
+            if replacement is not None:
+                records.append(OpRecord(owner, target_name(node.target), label, True, index, on_path))
+                node.op = "call_function"
+                node.target = replacement
+            else:
+                records.append(OpRecord(owner, target_name(node.target), classify(node.target), False,
+                                        index, on_path))
+        gm.graph.lint()
+        gm.recompile()
+        capture.graphs.append(records)
+        return gm.forward
+
+    return backend
+
+
+def _template(*args, **kwargs):
+    return __lxt_forward__(*args, **kwargs)  # noqa: F821 - bound in the trampoline's globals
+
+
+def trampoline(forward: Callable) -> types.FunctionType:
+    """A function calling ``forward`` whose code object is new (Dynamo caches per code object)."""
+    code = _template.__code__.replace(co_name=f"lxt_forward_{next(_TRAMPOLINES)}")
+    glob = {"__lxt_forward__": forward, "__builtins__": __builtins__}
+    return types.FunctionType(code, glob, code.co_name)
+
+
+def _mark_dynamic(values) -> None:
+    for v in values:
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            for d in range(v.dim()):
+                torch._dynamo.maybe_mark_dynamic(v, d)
+
+
+class PatchedForward:
+    """The forward installed on a registered model.
+
+    Runs the captured, rewritten graph; if the model cannot be captured it warns once, says
+    which part failed, and runs the original forward (module rules still apply).
+    """
+
+    def __init__(self, original: Callable, backend: Callable, capture: Capture, trace: bool,
+                 recompile_limit: int = 64):
+        self.original = original
+        self.capture = capture
+        self.trace = trace
+        self.entry = trampoline(original)
+        self.compiled = torch.compile(self.entry, backend=backend, dynamic=None,
+                                      recompile_limit=recompile_limit) if trace else None
+
+    def __call__(self, *args, **kwargs):
+        if self.compiled is None:
+            return self.original(*args, **kwargs)
+        _mark_dynamic(itertools.chain(args, kwargs.values()))
+        before = len(self.capture.graphs)
+        try:
+            out = self.compiled(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - decide below whether capture or input failed
+            try:
+                out = self.original(*args, **kwargs)
+            except Exception:
+                raise err from None  # the input is at fault: the user sees the model's error
+            self._give_up(err)
+            return out
+        new = len(self.capture.graphs) - before
+        if new > 1:
+            self.capture.graph_breaks += new - 1
+            warnings.warn(
+                f"lxt: the forward was captured as {new} graphs (graph breaks); code between "
+                "them runs with plain gradients. Composite.summary() lists what was rewritten.",
+                stacklevel=3,
+            )
+        return out
+
+    def _give_up(self, err: Exception) -> None:
+        msg = str(err).strip().splitlines()
+        where = msg[0][:300] if msg else type(err).__name__
+        self.capture.failure = f"{type(err).__name__}: {where}"
+        warnings.warn(
+            f"lxt: TorchDynamo could not capture this model's forward ({self.capture.failure}). "
+            "Module rules still apply; functional calls (additions, products, attention, ...) "
+            "outside replaced modules run with plain gradients. Composite.summary() shows what "
+            "is covered.",
+            stacklevel=3,
+        )
+        self.release()
+
+    def release(self) -> None:
+        """Drop the compiled code (Dynamo's cache on the trampoline's code object)."""
+        if self.compiled is not None:
+            try:
+                torch._dynamo.reset_code(self.entry.__code__)
+            except Exception:  # noqa: BLE001 - best effort; the code object dies with us anyway
+                pass
+        self.compiled = None
