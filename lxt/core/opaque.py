@@ -88,3 +88,42 @@ class LxtModule(nn.Module):
 
     def lrp_forward(self, *args, **kwargs):  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+# ---------------------------------------------------------------------- taps
+_TAPS: dict = {}
+
+
+class _Tap(torch.autograd.Function):
+    """Identity whose backward hands the incoming relevance to a callback."""
+
+    @staticmethod
+    def forward(ctx, key, t):
+        ctx.key = key
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        callback = _TAPS.get(ctx.key)
+        if callback is not None:
+            callback(grad)
+        return None, grad
+
+
+@torch._dynamo.allow_in_graph
+def tap(key: int, t):
+    """``t`` unchanged; in backward, ``callback(relevance of t)`` for the callback registered
+    under ``key`` with :func:`add_tap`.  One opaque node under TorchDynamo (no graph break)."""
+    if _is_fake(t) or not t.requires_grad:
+        return t.view_as(t)
+    return _Tap.apply(key, t)
+
+
+def add_tap(callback) -> int:
+    key = next(_KEYS)
+    _TAPS[key] = callback
+    return key
+
+
+def remove_tap(key: int) -> None:
+    _TAPS.pop(key, None)

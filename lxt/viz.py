@@ -1,0 +1,116 @@
+"""Heatmaps: terminal colours, HTML and PNG, red (positive) / blue (negative) on a symmetric
+scale."""
+from __future__ import annotations
+
+import html
+from typing import Sequence
+
+
+def _scale(relevance) -> float:
+    m = float(relevance.abs().max()) if relevance.numel() else 0.0
+    return m if m > 0 else 1.0
+
+
+def colour(value: float, scale: float) -> tuple:
+    """``(r, g, b)`` in 0..255: white at 0, red for positive, blue for negative."""
+    a = max(-1.0, min(1.0, value / scale))
+    fade = int(round(255 * (1 - abs(a))))
+    return (255, fade, fade) if a >= 0 else (fade, fade, 255)
+
+
+def _show_token(tok: str) -> str:
+    return tok.replace("\n", "\\n").replace("\t", "\\t")
+
+
+def terminal(exp) -> str:
+    """The tokens on 24-bit ANSI backgrounds, then the target line."""
+    s = _scale(exp.relevance)
+    parts = []
+    for tok, r in zip(exp.tokens, exp.relevance.tolist()):
+        red, green, blue = colour(r, s)
+        parts.append(f"\x1b[48;2;{red};{green};{blue}m\x1b[38;2;0;0;0m{_show_token(tok)}\x1b[0m")
+    head = f"{exp.method}: explaining {exp.target!r}"
+    if exp.contrast is not None:
+        head += f" vs {exp.contrast!r}"
+    head += f" (value {exp.logit:+.3f})"
+    top = ", ".join(f"{t!r} {v:+.3f}" for t, v in exp.top(3))
+    return f"{head}\n{''.join(parts)}\nmost relevant: {top}"
+
+
+def html_fragment(exp) -> str:
+    """A ``<div>`` with one ``<span>`` per token; ``data-relevance`` holds the value."""
+    s = _scale(exp.relevance)
+    spans = []
+    for tok, r in zip(exp.tokens, exp.relevance.tolist()):
+        red, green, blue = colour(r, s)
+        spans.append(
+            f'<span class="tok" data-relevance="{r:.6g}" title="{r:+.4f}" '
+            f'style="background-color: rgb({red}, {green}, {blue})">{html.escape(_show_token(tok))}</span>'
+        )
+    target = html.escape(repr(exp.target))
+    contrast = f" vs {html.escape(repr(exp.contrast))}" if exp.contrast is not None else ""
+    return (f'<div class="lxt-explanation" data-method="{html.escape(exp.method)}">'
+            f'<div class="head">{html.escape(exp.method)} — target {target}{contrast} '
+            f'(value {exp.logit:+.3f})</div><div class="tokens">{"".join(spans)}</div></div>')
+
+
+def html_page(explanations: Sequence) -> str:
+    body = "\n".join(html_fragment(e) for e in explanations)
+    return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>lxt explanation</title>"
+            "<style>body{font-family:sans-serif;margin:2em}.tokens{font-family:monospace;"
+            "font-size:18px;line-height:2em;white-space:pre-wrap}.tok{padding:2px 0;border-radius:3px}"
+            ".head{color:#555;margin:1em 0 .3em}</style></head><body>\n"
+            f"{body}\n</body></html>\n")
+
+
+def png(exp, path: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    if exp.tokens is None:
+        return _png_image(exp, path, plt)
+    s = _scale(exp.relevance)
+    fig = plt.figure(figsize=(10, 1.0 + 0.45 * (1 + len(exp.tokens) // 12)), dpi=120)
+    ax = fig.add_axes([0, 0, 1, 1])
+    ax.axis("off")
+    renderer = fig.canvas.get_renderer()
+    x, y, line = 0.01, 0.80, 0.22 / max(1, (1 + len(exp.tokens) // 12))
+    title = f"{exp.method}: target {exp.target!r}" + (f" vs {exp.contrast!r}" if exp.contrast is not None else "")
+    ax.text(0.01, 0.95, title + f"  (value {exp.logit:+.3f})", fontsize=10, va="top", color="#444")
+    for tok, r in zip(exp.tokens, exp.relevance.tolist()):
+        rgb = tuple(c / 255 for c in colour(r, s))
+        t = ax.text(x, y, _show_token(tok), fontsize=13, family="monospace", va="top",
+                    bbox=dict(facecolor=rgb, edgecolor="none", pad=2))
+        width = t.get_window_extent(renderer=renderer).width / fig.bbox.width
+        x += width + 0.004
+        if x > 0.93:
+            x, y = 0.01, y - max(line, 0.12)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _png_image(exp, path, plt):
+    img = exp.image
+    fig, axes = plt.subplots(1, 2, figsize=(6, 3), dpi=120)
+    shown = img.permute(1, 2, 0) if img.shape[0] in (3, 4) else img[0]
+    shown = (shown - shown.min()) / (shown.max() - shown.min() + 1e-12)
+    axes[0].imshow(shown.numpy(), cmap=None if shown.dim() == 3 else "gray")
+    axes[0].set_title("input")
+    s = _scale(exp.relevance)
+    axes[1].imshow(shown.numpy() if shown.dim() == 2 else shown.mean(-1).numpy(), cmap="gray")
+    axes[1].imshow(exp.relevance.numpy(), cmap="bwr", vmin=-s, vmax=s, alpha=0.7)
+    axes[1].set_title(f"{exp.method}: class {exp.target}")
+    for a in axes:
+        a.axis("off")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def show_image(exp) -> None:
+    print(f"{exp.method}: class {exp.target} (logit {exp.logit:+.3f}); relevance map "
+          f"{tuple(exp.relevance.shape)}, sum {float(exp.relevance.sum()):+.3f}. Use to_png(path) to see it.")
