@@ -126,24 +126,30 @@ def test_cp_lrp_conserves_through_every_layer_llama():
 
 
 def test_relevance_reaches_every_layer():
+    from lxt.core.opaque import add_tap, remove_tap, tap
+
     model = tiny_llama("sdpa", D, layers=3)
     ids, mask = text_batch()
     emb = model.get_input_embeddings()(ids).detach().requires_grad_()
     seen = {}
     comp = composites.cp_lrp(model, epsilon=1e-12)
+    keys = [add_tap(lambda g, i=i: seen.__setitem__(i, g.sum().item())) for i in range(3)]
     with comp.context(model):
-        def watch(i):
-            def hook(mod, args, out):
-                out.register_hook(lambda g: seen.__setitem__(i, g.sum().item()))
-            return hook
-
-        hooks = [layer.register_forward_hook(watch(i)) for i, layer in enumerate(model.model.layers)]
+        # identity nodes that report the relevance of each layer's output (no graph break)
+        hooks = [layer.register_forward_hook(lambda mod, args, out, k=k: tap(k, out))
+                 for k, layer in zip(keys, model.model.layers)]
         logits = run_text(model, emb, mask)
-        logits[0, -1, 3].backward()
+        logit = logits[0, -1, 3]
+        logit.backward(logit)
+        assert comp.summary().graph_breaks == 0
         for h in hooks:
             h.remove()
+    for k in keys:
+        remove_tap(k)
     assert sorted(seen) == [0, 1, 2]
-    assert all(abs(v) > 0 for v in seen.values())
+    # CP-LRP without biases conserves layer by layer
+    for i in range(3):
+        assert math.isclose(seen[i], logit.item(), rel_tol=1e-4), (i, seen[i], logit.item())
 
 
 def test_override_changes_exactly_the_named_layers():
