@@ -1,9 +1,9 @@
 """lxt — Layer-wise Relevance Propagation (AttnLRP, CP-LRP) for transformers."""
-from . import functional, modules, rules
+from . import composites, functional, modules, rules
 from .conservation import conservation
 from .core.composite import Composite, LayerMap
 from .explain import Explanation, explain
 
 __version__ = "0.1.0"
 
-__all__ = ["Composite", "LayerMap", "explain", "Explanation", "functional", "modules", "rules", "conservation", "__version__"]
+__all__ = ["Composite", "LayerMap", "explain", "Explanation", "composites", "functional", "modules", "rules", "conservation", "__version__"]

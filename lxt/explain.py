@@ -272,19 +272,19 @@ def _explain_ids(model, tokenizer, ids, mask, prompts, targets, contrast, method
             for a in (torch.arange(steps, dtype=torch.float32) + 0.5) / steps:  # midpoint rule
                 x = (base * a).detach().requires_grad_()
                 logits = _forward_text(model, x, mask)
-                values, tid, cid = _select(logits, mask, targets, contrast, tokenizer, causal)
+                values, tid, cid, parts = _select(logits, mask, targets, contrast, tokenizer, causal)
                 values.sum().backward()
                 grads += x.grad.float()
             rel_full = base.float() * grads / steps
             with torch.no_grad():
                 logits = _forward_text(model, base, mask)
-                values, tid, cid = _select(logits, mask, targets, contrast, tokenizer, causal)
+                values, tid, cid, parts = _select(logits, mask, targets, contrast, tokenizer, causal)
         else:
             x = base.detach().clone().requires_grad_()
             logits = _forward_text(model, x, mask)
-            values, tid, cid = _select(logits, mask, targets, contrast, tokenizer, causal)
+            values, tid, cid, parts = _select(logits, mask, targets, contrast, tokenizer, causal)
             if method in ("attnlrp", "cp-lrp"):
-                values.backward(values.detach())  # start with R = the explained value
+                _backward_lrp(values, parts)  # start with R = the explained value
                 rel_full = x.grad.float()
             else:
                 values.sum().backward()
@@ -308,27 +308,41 @@ def _explain_ids(model, tokenizer, ids, mask, prompts, targets, contrast, method
     return out
 
 
+def _backward_lrp(values, parts) -> None:
+    """Start LRP: R = the target logit at the target and, for a contrast, R = -logit at the
+    contrast, i.e. the epsilon rule on the difference ``(w_t - w_c) . h`` (relevance sums to
+    the difference, not to zero)."""
+    t, c = parts
+    if c is None:
+        values.backward(values.detach())
+    else:
+        torch.autograd.backward([t, c], [t.detach(), -c.detach()])
+
+
 def _select(logits, mask, targets, contrast, tokenizer, causal):
     """The explained value per sequence: target logit (minus the contrast logit)."""
     if logits.dim() == 3:  # language model: next token after the last position
         last = logits[:, -1, :] if causal else logits[torch.arange(len(mask)), mask.sum(1) - 1]
     else:  # classifier
         last = logits
-    tids, cids, vals = [], [], []
+    tids, cids, vals, tparts, cparts = [], [], [], [], []
     for b in range(last.shape[0]):
         t = targets[b]
         tid = int(last[b].argmax()) if t is None else (_single_token(tokenizer, t, "target") if causal or isinstance(t, str) else int(t))
         if not 0 <= tid < last.shape[-1]:
             raise ValueError(f"lxt: target id {tid} is outside the output of size {last.shape[-1]}.")
         v = last[b, tid]
+        tparts.append(v)
         cid = None
         if contrast is not None:
             cid = _single_token(tokenizer, contrast, "contrast") if (causal or isinstance(contrast, str)) else int(contrast)
+            cparts.append(last[b, cid])
             v = v - last[b, cid]
         tids.append(tid)
         cids.append(cid)
         vals.append(v)
-    return torch.stack(vals), tids, cids
+    parts = (torch.stack(tparts), torch.stack(cparts) if cparts else None)
+    return torch.stack(vals), tids, cids, parts
 
 
 # ---------------------------------------------------------------------- images

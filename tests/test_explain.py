@@ -45,6 +45,15 @@ def test_target_and_contrast(llm):
     assert math.isclose(exp.logit, float(logits[pid] - logits[bid]), rel_tol=1e-5)
 
 
+def test_contrast_relevance_sums_to_the_difference():
+    """CP-LRP conserves: relevance of a logit difference sums to the difference (not to 0)."""
+    model = tiny_llama("sdpa", torch.float64)
+    tok = tiny_tokenizer()
+    exp = lxt.explain(model, tok, PROMPTS[0], target=" paris", contrast=" berlin", method="cp-lrp")
+    assert abs(exp.logit) > 1e-3
+    assert math.isclose(float(exp.relevance.sum()), exp.logit, rel_tol=1e-3)
+
+
 def test_cp_lrp_relevance_sums_to_explained_value():
     model = tiny_llama("sdpa", torch.float64)
     tok = tiny_tokenizer()

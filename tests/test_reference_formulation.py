@@ -14,19 +14,24 @@ written without lxt, on a ``copy.deepcopy`` of the stock HuggingFace model:
 - everything else (linear layers and biases, residual adds, rotary embedding, embedding sums,
   reshapes) keeps its plain gradient: the epsilon rule with epsilon -> 0 is input * gradient.
 
-The Composite's relevance (``inputs_embeds.grad``, explicit LRP) must match
-``inputs_embeds * reference_grad`` per token: tiny float64 configs to 1e-6 relative, and on
-the real SmolLM2-135M weights (float32, slow) with a Pearson correlation >= 0.99 per prompt.
+The Composite's relevance (``inputs_embeds.grad`` / ``pixel_values.grad``, explicit LRP,
+started with R = the explained logit) must match ``inputs * reference_grad`` (started with
+gradient 1) per token / pixel: tiny float64 configs (Llama with GQA, padding, sdpa and eager;
+BERT; ViT) to 1e-6 relative with epsilon = 1e-12, and on the real SmolLM2-135M weights
+(float32, slow) with a Pearson correlation >= 0.99 per prompt; bfloat16 SmolLM2 correlates
+>= 0.95 with float32.
+
+The reference registers attention functions named ``lxt_ref_*`` in transformers' global
+AttentionInterface / AttentionMaskInterface while this module's tests run.
 """
 from __future__ import annotations
 
 import copy
 import importlib
-import math
+import types
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface, LlamaForSequenceClassification
 from transformers.activations import GELUActivation, SiLUActivation
@@ -126,11 +131,24 @@ def _reference_attention(cp, kernel):
 
 
 def _attention_name(cp, kernel):
-    name = f"lxt_ref_{'cplrp' if cp else 'attnlrp'}_{kernel}"
-    if name not in AttentionInterface._global_mapping:
-        AttentionInterface.register(name, _reference_attention(cp, kernel))
-        AttentionMaskInterface.register(name, sdpa_mask if kernel == "sdpa" else eager_mask)
-    return name
+    return f"lxt_ref_{'cplrp' if cp else 'attnlrp'}_{kernel}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _reference_attention_registered():
+    """Register the reference attention functions (and their masks) in transformers' global
+    interfaces for this module's tests, and take them out again afterwards."""
+    names = []
+    for cp in (False, True):
+        for kernel in ("sdpa", "eager"):
+            name = _attention_name(cp, kernel)
+            AttentionInterface.register(name, _reference_attention(cp, kernel))
+            AttentionMaskInterface.register(name, sdpa_mask if kernel == "sdpa" else eager_mask)
+            names.append(name)
+    yield
+    for name in names:
+        AttentionInterface._global_mapping.pop(name, None)
+        AttentionMaskInterface._global_mapping.pop(name, None)
 
 
 _ACTIVATIONS = (nn.SiLU, nn.GELU, nn.Tanh, SiLUActivation, GELUActivation)
@@ -237,7 +255,6 @@ def check_against_reference(model, factory, inputs, target_sets, cp, rtol, atol_
     with comp.context(model):
         for targets in target_sets:
             results.append(lxt_relevance(comp, model, targets, **dict(inputs)))
-    assert all(not p.requires_grad for p in ref.parameters())
     worst = 0.0
     for targets, (rel, out) in zip(target_sets, results):
         torch.testing.assert_close(out, stock, rtol=1e-12 if stock.dtype == torch.float64 else 1e-5,
@@ -264,24 +281,25 @@ COMPOSITES = {
 # Llama (grouped-query attention: 4 heads, 2 key/value heads)
 # ----------------------------------------------------------------------------------------
 
-# Tolerances.  Every tiny test runs in float64 with rtol 1e-6 per token and an absolute floor
-# relative to the largest relevance: BERT and ViT reach ~1e-9 of max|R| (the epsilon = 1e-12
-# stabiliser: a few pre-activations of random tiny weights are ~1e-5), floor 1e-7.  But HF's LlamaRMSNorm rounds its input to
-# float32 and back, so a float64 Llama is float32-accurate there; the reference computes the
-# detached std in float64, and the two differ by ~1e-7 of the largest relevance.  The
-# epsilon = 1e-12 stabiliser adds about as much on random tiny weights (some pre-activations
-# are ~1e-5).  Hence ``rtol 1e-6`` with an absolute floor of ``1e-6 * max|R|`` for Llama;
-# ``test_llama_float64_exact`` removes both sources and agrees to 1e-9.
+# Tolerances.  The tiny tests run in float64 and compare per token with
+# ``|lxt - ref| <= 1e-6 * |ref| + floor * max|ref|``.  Two things keep them from agreeing to
+# float64 round-off, neither of them a rule:
+# - epsilon = 1e-12 is not 0: a few pre-activations of random tiny weights are ~1e-5, which
+#   gives errors of ~1e-9 of max|R| (BERT, ViT: floor 1e-7);
+# - HF's LlamaRMSNorm rounds its input to float32 and back, so a float64 Llama is only
+#   float32-accurate there (lxt's identity rule passes on ``y * g`` with that rounded ``y``,
+#   the reference differentiates the detached std in float64): ~1e-7 of max|R| (floor 1e-6).
+# ``test_llama_float64_exact`` removes both and agrees to ~1e-16 of max|R|.
 #
 # Eager attention: HF's eager Llama in float64 with a padded mask gives NaN logits without
 # lxt (the float64 mask minimum becomes -inf in its float32 softmax, fully masked pad rows turn
 # NaN and the NaN reaches every position through the values).  So eager runs in float64
-# without padding, and in float32 with padding at float32 tolerances.
+# without padding, and in float32 with padding (float32 tolerances).
 LLAMA_CASES = [
     pytest.param("sdpa", torch.float64, 2, 1e-6, 1e-6, id="sdpa-f64-padded"),
     pytest.param("sdpa", torch.float64, 0, 1e-6, 1e-6, id="sdpa-f64"),
     pytest.param("eager", torch.float64, 0, 1e-6, 1e-6, id="eager-f64"),
-    pytest.param("eager", torch.float32, 2, 1e-3, 1e-4, id="eager-f32-padded"),
+    pytest.param("eager", torch.float32, 2, 1e-4, 1e-5, id="eager-f32-padded"),
 ]
 
 
@@ -307,15 +325,16 @@ def _float64_rms_norm(self, hidden_states):
 
 
 @pytest.mark.parametrize("rule", sorted(COMPOSITES))
-def test_llama_float64_exact(rule, monkeypatch):
-    """Without the two error sources of the stock test (HF's float32 RMSNorm round trip, patched
-    out here for the duration of the test, and a finite epsilon: 1e-20 is 0 next to every
-    non-zero pre-activation) lxt and the reference agree to float64 round-off."""
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
-    monkeypatch.setattr(LlamaRMSNorm, "forward", _float64_rms_norm)
+def test_llama_float64_exact(rule):
+    """Without the two error sources of the stock test (HF's float32 RMSNorm round trip,
+    replaced here on this model's norm instances, and a finite epsilon: 1e-20 is 0 next to
+    every non-zero pre-activation) lxt and the reference agree to float64 round-off."""
     factory, cp = COMPOSITES[rule]
     model = tiny_llama(attn="sdpa", dtype=torch.float64)
+    norms = [m for m in model.modules() if type(m).__name__ == "LlamaRMSNorm"]
+    assert len(norms) == 5
+    for norm in norms:
+        norm.forward = types.MethodType(_float64_rms_norm, norm)
     ids, mask = text_batch()
     inputs = {"inputs_embeds": model.get_input_embeddings()(ids).detach(), "attention_mask": mask}
     with torch.no_grad():
@@ -325,6 +344,7 @@ def test_llama_float64_exact(rule, monkeypatch):
     print(f"llama float64-exact {rule}: max|err|/max|R| {worst:.2e}")
 
 
+@pytest.mark.filterwarnings("ignore:lxt. the forward was captured as 2 graphs")
 def test_llama_sequence_classification_matches_reference():
     """LlamaForSequenceClassification (AttnLRP; CP-LRP differs only inside the layers, covered
     above): the score head reads the last position (left padding).  Its first call costs ~6 s
@@ -423,36 +443,56 @@ def _explain_prompts(model, comp, tokenizer, targets=None):
     return rels, tops
 
 
+@pytest.fixture(scope="module")
+def smollm2_relevance(smollm2):
+    """``rule -> (relevances, targets)`` of the float32 model with lxt's default epsilon,
+    computed once per rule (the first registration on a 30-layer model compiles for ~15 s)."""
+    cache = {}
+
+    def get(rule):
+        if rule not in cache:
+            model, tokenizer = smollm2
+            cache[rule] = _explain_prompts(model, COMPOSITES[rule][0](model), tokenizer)
+        return cache[rule]
+
+    return get
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("rule", sorted(COMPOSITES))
-def test_smollm2_matches_reference(smollm2, rule):
-    """float32, lxt's default epsilon: Pearson >= 0.99 per prompt with the reference."""
+def test_smollm2_matches_reference(smollm2, smollm2_relevance, rule):
+    """float32, lxt's default epsilon (1e-6) against the reference (epsilon -> 0): Pearson
+    >= 0.99 per prompt, over all tokens and without the first one (whose large relevance
+    could dominate the correlation)."""
     model, tokenizer = smollm2
-    factory, cp = COMPOSITES[rule]
-    ref = reference_model(model, cp=cp)
-    rels, tops = _explain_prompts(model, factory(model), tokenizer)
+    ref = reference_model(model, cp=COMPOSITES[rule][1])
+    rels, tops = smollm2_relevance(rule)
     for prompt, rel, top in zip(PROMPTS, rels, tops):
         ids = tokenizer(prompt, return_tensors="pt").input_ids
         emb = model.get_input_embeddings()(ids).detach()
         expected, _ = reference_relevance(ref, top, inputs_embeds=emb)
-        r = pearson(rel, expected[0])
-        print(f"smollm2 {rule} {prompt!r} -> {tokenizer.decode(top)!r}: pearson {r:.5f}")
+        expected = expected[0]
+        r, r_rest = pearson(rel, expected), pearson(rel[1:], expected[1:])
+        err = ((rel - expected).abs().max() / expected.abs().max()).item()
+        print(f"smollm2 {rule} {prompt!r} -> {tokenizer.decode(top)!r}: pearson {r:.6f}, "
+              f"without the first token {r_rest:.6f}, max|err|/max|R| {err:.1e}")
         assert torch.isfinite(rel).all()
-        assert r >= 0.99, (prompt, r, rel, expected)
+        assert r >= 0.99 and r_rest >= 0.99, (prompt, r, r_rest, rel, expected)
 
 
 @pytest.mark.slow
-def test_smollm2_bfloat16_agrees_with_float32(smollm2):
+def test_smollm2_bfloat16_agrees_with_float32(smollm2_relevance):
     """SmolLM2 in bfloat16 with lxt AttnLRP: finite relevance, Pearson >= 0.95 per prompt with
     float32 (same target token)."""
     from lxt.models import load_smollm2
 
-    model, tokenizer = smollm2
-    rels32, tops = _explain_prompts(model, lxt.composites.attnlrp(model), tokenizer)
-    model16, _ = load_smollm2(dtype=torch.bfloat16)
+    rels32, tops = smollm2_relevance("attnlrp")
+    model16, tokenizer = load_smollm2(dtype=torch.bfloat16)
+    assert model16.dtype == torch.bfloat16
     rels16, _ = _explain_prompts(model16, lxt.composites.attnlrp(model16), tokenizer, targets=tops)
     for prompt, a, b in zip(PROMPTS, rels32, rels16):
         assert torch.isfinite(b).all(), prompt
         r = pearson(a, b)
-        print(f"smollm2 bf16 vs f32 {prompt!r}: pearson {r:.5f}")
+        print(f"smollm2 bf16 vs f32 {prompt!r}: pearson {r:.5f}, without the first token "
+              f"{pearson(a[1:], b[1:]):.5f}")
         assert r >= 0.95, (prompt, r, a, b)
