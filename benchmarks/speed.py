@@ -46,7 +46,8 @@ class PeakRSS:
 
 def one_call(model, emb, target):
     x = emb.clone().requires_grad_()
-    logit = model(inputs_embeds=x, use_cache=False).logits[0, -1, target]
+    # as lxt.explain calls it: only the explained position goes through the LM head
+    logit = model(inputs_embeds=x, use_cache=False, logits_to_keep=1).logits[0, -1, target]
     logit.backward(logit)
     return x.grad
 

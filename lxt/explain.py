@@ -163,6 +163,9 @@ def _patched(model, method, composite):
     if method in ("attnlrp", "cp-lrp"):
         from . import composites
 
+        if composite is not None and composite.model is model:
+            yield  # already registered by the caller: reuse its capture (no re-trace)
+            return
         comp = composite or (composites.attnlrp(model) if method == "attnlrp" else composites.cp_lrp(model))
         with comp.context(model):
             yield
@@ -237,10 +240,21 @@ def _tokenize(tokenizer, prompts, causal: bool):
     return enc["input_ids"], enc["attention_mask"]
 
 
-def _forward_text(model, emb, mask):
+def _accepts(model, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _forward_text(model, emb, mask, last_only: bool = False):
     kwargs = {"inputs_embeds": emb, "attention_mask": mask}
     if getattr(getattr(model, "config", None), "use_cache", None) is not None:
         kwargs["use_cache"] = False
+    if last_only and _accepts(model, "logits_to_keep"):
+        kwargs["logits_to_keep"] = 1  # only the explained position goes through the LM head
     return model(**kwargs).logits
 
 
@@ -271,17 +285,17 @@ def _explain_ids(model, tokenizer, ids, mask, prompts, targets, contrast, method
             grads = torch.zeros_like(base, dtype=torch.float32)
             for a in (torch.arange(steps, dtype=torch.float32) + 0.5) / steps:  # midpoint rule
                 x = (base * a).detach().requires_grad_()
-                logits = _forward_text(model, x, mask)
+                logits = _forward_text(model, x, mask, causal)
                 values, tid, cid, parts = _select(logits, mask, targets, contrast, tokenizer, causal)
                 values.sum().backward()
                 grads += x.grad.float()
             rel_full = base.float() * grads / steps
             with torch.no_grad():
-                logits = _forward_text(model, base, mask)
+                logits = _forward_text(model, base, mask, causal)
                 values, tid, cid, parts = _select(logits, mask, targets, contrast, tokenizer, causal)
         else:
             x = base.detach().clone().requires_grad_()
-            logits = _forward_text(model, x, mask)
+            logits = _forward_text(model, x, mask, causal)
             values, tid, cid, parts = _select(logits, mask, targets, contrast, tokenizer, causal)
             if method in ("attnlrp", "cp-lrp"):
                 _backward_lrp(values, parts)  # start with R = the explained value
@@ -421,7 +435,9 @@ def explain(model: nn.Module, tokenizer=None, inputs=None, *, target=None, contr
     batch_size : int
         Prompts per forward pass when ``inputs`` is a list.
     composite : lxt.Composite, optional
-        Use this composite instead of the default table for ``model.config.model_type``.
+        Use this composite instead of the default table for ``model.config.model_type``.  If
+        it is already registered on ``model`` (``with comp.context(model):``), it is used as
+        is: many calls then share one capture instead of re-tracing the model each call.
     progress : bool, optional
         Show a progress bar (default: on for more than one batch).
 

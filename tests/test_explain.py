@@ -73,6 +73,19 @@ def test_batch_equals_single(llm, method):
         torch.testing.assert_close(b.relevance, single.relevance, rtol=1e-4, atol=1e-5)
 
 
+def test_registered_composite_is_reused_without_retrace(llm):
+    model, tok = llm
+    comp = lxt.composites.attnlrp(model)
+    with comp.context(model):
+        a = lxt.explain(model, tok, PROMPTS[0], composite=comp)
+        b = lxt.explain(model, tok, PROMPTS[1], composite=comp)
+        graphs = len(comp._capture.graphs)
+        assert comp.model is model  # still registered after the calls
+    assert graphs == 1
+    torch.testing.assert_close(a.relevance, lxt.explain(model, tok, PROMPTS[0]).relevance, rtol=1e-5, atol=1e-6)
+    assert b.tokens[1] == "cat"
+
+
 def test_integrated_gradients_formula(llm):
     """Midpoint rule from a zero baseline: with 2 steps, x * mean(grad(x/4), grad(3x/4))."""
     model, tok = llm

@@ -38,7 +38,8 @@ def stabilize(z: Tensor, epsilon: float = EPSILON) -> Tensor:
     Tensor
         ``z`` moved away from zero by ``epsilon``; never exactly zero for ``epsilon > 0``.
     """
-    return torch.where(z >= 0, z + epsilon, z - epsilon)
+    # (z >= 0) * 2eps - eps + z, with one float temporary (these tensors can be large: logits)
+    return (z >= 0).to(z.dtype).mul_(2 * epsilon).sub_(epsilon).add_(z)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

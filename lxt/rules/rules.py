@@ -62,12 +62,25 @@ class EpsilonRule(Rule):
         out = call.output
         ct = compute_dtype(out.dtype)
         n = self._denominator_scale(call)
-        g = relevance.to(ct) / stabilize(n * out.to(ct), self.epsilon)
+        z = out.to(ct)
+        denom = stabilize(z * n if n != 1 else z, self.epsilon)
+        g = torch.div(relevance.to(ct), denom, out=denom)  # reuse the temporary
         grads = call.vjp(g)
+        del g, denom
+        ptrs = [gr.data_ptr() for gr in grads if gr is not None]
         return [
-            None if gr is None else x.to(ct) * gr.to(ct)
+            None if gr is None else _times(x, gr, ct, inplace=ptrs.count(gr.data_ptr()) == 1)
             for x, gr in zip(call.inputs, grads)
         ]
+
+
+def _times(x: Tensor, grad: Tensor, ct: torch.dtype, inplace: bool) -> Tensor:
+    """``x * grad`` in the compute dtype, in place on the (fresh, unshared) gradient where
+    possible."""
+    grad = grad.to(ct)
+    if inplace and grad.shape == x.shape and not grad.requires_grad and grad._base is None:
+        return grad.mul_(x.to(ct))
+    return x.to(ct) * grad
 
 
 class UniformEpsilonRule(EpsilonRule):
