@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.lxt-installed
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup test test-fast test-compat demo bench clean
 
 setup: $(STAMP)
 
@@ -19,6 +19,18 @@ $(STAMP): pyproject.toml requirements-pinned.txt
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# compact run on the oldest supported transformers (4.57), in its own environment
+COMPAT := .venv-compat
+$(COMPAT)/.lxt-installed: pyproject.toml requirements-compat.txt
+	test -x $(COMPAT)/bin/python || $(PYTHON) -m venv $(COMPAT)
+	$(COMPAT)/bin/python -m pip install -q --disable-pip-version-check -r requirements-compat.txt
+	$(COMPAT)/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
+	touch $@
+
+test-compat: $(COMPAT)/.lxt-installed
+	$(COMPAT)/bin/python -m pytest -q -m "not slow" tests/test_composite.py tests/test_explain.py \
+		tests/test_functional.py tests/test_rules.py tests/test_modules.py
+
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
@@ -27,4 +39,4 @@ demo: $(STAMP)
 	$(VENV)/bin/lxt explain "The capital of France is" --html out/demo.html --png out/demo.png
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(COMPAT) build *.egg-info

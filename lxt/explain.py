@@ -251,7 +251,7 @@ def _accepts(model, name: str) -> bool:
 
 def _forward_text(model, emb, mask, last_only: bool = False):
     kwargs = {"inputs_embeds": emb, "attention_mask": mask}
-    if getattr(getattr(model, "config", None), "use_cache", None) is not None:
+    if _accepts(model, "use_cache"):
         kwargs["use_cache"] = False
     if last_only and _accepts(model, "logits_to_keep"):
         kwargs["logits_to_keep"] = 1  # only the explained position goes through the LM head
@@ -490,7 +490,7 @@ def _explain_generation(model, tokenizer, prompt, n, method, steps, layers):
     for _ in range(int(n)):
         with torch.no_grad():
             kwargs = {"input_ids": ids, "attention_mask": mask}
-            if getattr(model.config, "use_cache", None) is not None:
+            if _accepts(model, "use_cache"):
                 kwargs["use_cache"] = False
             nxt = int(model(**kwargs).logits[0, -1].argmax())
         text = tokenizer.decode(ids[0])

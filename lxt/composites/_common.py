@@ -55,9 +55,15 @@ def arithmetic(epsilon=None) -> dict:
         operator.add: add,
         torch.add: add,
         "add": add,
+        # in-place forms (``x += y`` in transformers 4.x embeddings) become out-of-place rule
+        # calls: an in-place update would overwrite the output a rule keeps for backward
+        operator.iadd: add,
+        "add_": add,
         operator.mul: lf.mul2,
         torch.mul: lf.mul2,
         "mul": lf.mul2,
+        operator.imul: lf.mul2,
+        "mul_": lf.mul2,
         operator.neg: IdentityRule,  # rotate_half: -x carries x's relevance, not -R
         operator.truediv: lf.div_const,
     }
