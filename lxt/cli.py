@@ -47,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--png", help="write the heatmap as a PNG image")
     e.add_argument("--jsonl", help="write one JSON object per explanation")
     e.add_argument("--quiet", action="store_true", help="do not print heatmaps")
+    b = sub.add_parser("bench", help="benchmarks: `lxt bench speed ...`, `lxt bench faithfulness ...` "
+                       "(each has its own --help)")
+    b.add_argument("which", choices=["speed", "faithfulness"])
+    b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the benchmark")
     return p
 
 
@@ -153,6 +157,14 @@ def main(argv=None) -> int:
     try:
         if args.command == "explain":
             return _explain(args)
+        if args.command == "bench":
+            if args.which == "speed":
+                from .bench.speed import main as bench_main
+
+                return bench_main(args.rest, reexec=True)
+            from .bench.faithfulness import main as bench_main
+
+            return bench_main(args.rest)
     except UserError as err:
         print(f"lxt: error: {err}", file=sys.stderr)
         return 2

@@ -138,9 +138,14 @@ def _context_length(model) -> Optional[int]:
 
 
 def _single_token(tokenizer, text, what: str) -> int:
-    if isinstance(text, int):
+    if isinstance(text, int) and not isinstance(text, bool):
         return text
+    if not isinstance(text, str):
+        raise ValueError(f"lxt: {what} must be a token string or a token id, got {text!r}.")
     ids = tokenizer.encode(text, add_special_tokens=False)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None and unk in ids and (tokenizer.unk_token or "") not in text:
+        raise ValueError(f"lxt: {what} {text!r} is not in the tokenizer's vocabulary.")
     if len(ids) != 1:
         pieces = [tokenizer.decode([i]) for i in ids]
         raise ValueError(f"lxt: {what} {text!r} is {len(ids)} tokens {pieces}, not one; pass a "
@@ -279,6 +284,9 @@ def _explain_ids(model, tokenizer, ids, mask, prompts, targets, contrast, method
     param = next(model.parameters())
     with torch.no_grad():
         base = emb_layer(ids.to(param.device))
+    if not torch.isfinite(base).all():
+        raise ValueError("lxt: the input embeddings contain NaN or inf (check the model's "
+                         "embedding weights); relevance would be NaN.")
     store: dict = {}
     with _latent_hooks(model, layers, store):
         if method == "integrated_gradients":
@@ -350,6 +358,8 @@ def _select(logits, mask, targets, contrast, tokenizer, causal):
         cid = None
         if contrast is not None:
             cid = _single_token(tokenizer, contrast, "contrast") if (causal or isinstance(contrast, str)) else int(contrast)
+            if not 0 <= cid < last.shape[-1]:
+                raise ValueError(f"lxt: contrast id {cid} is outside the output of size {last.shape[-1]}.")
             cparts.append(last[b, cid])
             v = v - last[b, cid]
         tids.append(tid)

@@ -96,6 +96,9 @@ class LayerMap:
                                 f"(ParentType, ModuleType) pair. {hint}")
             LayerMap._check(key[1], value, where)
             return
+        if isinstance(key, nn.Module):
+            raise TypeError(f"lxt: {where} key {type(key).__name__}(...) is a module instance; use its "
+                            "type, or an override pattern with its qualified name. " + hint)
         if _is_module_type(key):
             ok = (value is None or _is_rule_value(value) or hasattr(value, "from_module")
                   or (callable(value) and not isinstance(value, type)))
@@ -339,15 +342,20 @@ class Composite:
         parent._modules[name] = replacement
 
     def _freeze(self, model: nn.Module) -> None:
-        params = list(model.parameters())
-        flags = [p.requires_grad for p in params]
+        named = list(model.named_parameters(remove_duplicate=False))
+        flags = [p.requires_grad for _, p in named]
+        by_name = {n: f for (n, _), f in zip(named, flags)}
 
-        def undo(params=params, flags=flags):
-            for p, f in zip(params, flags):
+        def undo(model=model, named=named, flags=flags, by_name=by_name):
+            for (_, p), f in zip(named, flags):
                 p.requires_grad_(f)
+            # parameters replaced meanwhile (accelerate's offloading swaps the objects)
+            for n, p in model.named_parameters(remove_duplicate=False):
+                if n in by_name and p.requires_grad != by_name[n]:
+                    p.requires_grad_(by_name[n])
 
         self._undo.append(undo)
-        for p in params:
+        for _, p in named:
             p.requires_grad_(False)
 
     def _patch_forward(self, model: nn.Module) -> None:
@@ -365,7 +373,7 @@ class Composite:
         self._capture = Capture()
         backend = make_backend(self._resolve_call, names, self._capture)
         original = model.forward  # bound method (or a previous instance forward, e.g. accelerate's)
-        patched = PatchedForward(original, backend, self._capture, self.trace)
+        patched = PatchedForward(original, backend, self._capture, self.trace, model=model)
         self._forward = patched
 
         def forward(*args, **kwargs):

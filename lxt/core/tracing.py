@@ -110,10 +110,8 @@ def make_backend(resolve: Callable, names: dict, capture: Capture) -> Callable:
     ``resolve(target, stack)`` returns ``(replacement, label)`` or ``(None, None)``.
     """
 
-    def backend(gm: fx.GraphModule, example_inputs):
-        index = len(capture.graphs)
-        records = []
-        for node in gm.graph.nodes:
+    def rewrite(graph_module: fx.GraphModule, index: int, records: list) -> None:
+        for node in graph_module.graph.nodes:
             if node.op not in ("call_function", "call_method"):
                 continue
             if not _any_floating(node):
@@ -133,8 +131,17 @@ def make_backend(resolve: Callable, names: dict, capture: Capture) -> Callable:
             else:
                 records.append(OpRecord(owner, target_name(node.target), classify(node.target), False,
                                         index, on_path))
-        gm.graph.lint()
-        gm.recompile()
+        graph_module.graph.lint()
+        graph_module.recompile()
+
+    def backend(gm: fx.GraphModule, example_inputs):
+        index = len(capture.graphs)
+        records = []
+        # nested graphs too: higher-order ops (activation checkpointing, ...) keep their
+        # bodies as sub-GraphModules
+        for _, sub in gm.named_modules():
+            if isinstance(sub, fx.GraphModule):
+                rewrite(sub, index, records)
         capture.graphs.append(records)
         return gm.forward
 
@@ -159,36 +166,88 @@ def _mark_dynamic(values) -> None:
                 torch._dynamo.maybe_mark_dynamic(v, d)
 
 
+def _dynamo_error(err: BaseException) -> bool:
+    return isinstance(err, torch._dynamo.exc.TorchDynamoException)
+
+
+def _lxt_cause(err: BaseException):
+    """An lxt error (bad input, e.g. float16) wrapped by Dynamo's fake-tensor propagation."""
+    seen = set()
+    e = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if str(e).startswith("lxt:") and not _dynamo_error(e):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _hook_state(model) -> tuple:
+    """Identity of every module hook: Dynamo does not guard on hooks added later."""
+    state = []
+    for m in model.modules():
+        for d in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks,
+                  getattr(m, "_backward_pre_hooks", {})):
+            if d:
+                state.extend(id(h) for h in d.values())
+    return tuple(state)
+
+
 class PatchedForward:
     """The forward installed on a registered model.
 
-    Runs the captured, rewritten graph; if the model cannot be captured it warns once, says
-    which part failed, and runs the original forward (module rules still apply).
+    Runs the captured, rewritten graph.  If TorchDynamo cannot capture the model it warns
+    once, says which part failed, and runs the original forward (module rules still apply).
+    An error of the model itself (or of the user's hooks) is raised unchanged, once.
     """
 
     def __init__(self, original: Callable, backend: Callable, capture: Capture, trace: bool,
-                 recompile_limit: int = 64):
+                 model=None, recompile_limit: int = 64):
         self.original = original
         self.capture = capture
         self.trace = trace
-        self.entry = trampoline(original)
-        self.compiled = torch.compile(self.entry, backend=backend, dynamic=None,
-                                      recompile_limit=recompile_limit) if trace else None
+        self.backend = backend
+        self.model = model
+        self.recompile_limit = recompile_limit
+        self.entry = None
+        self.compiled = None
+        self.hooks = None
+        self.calls = 0
+        if trace:
+            self._build()
+
+    def _build(self) -> None:
+        self.entry = trampoline(self.original)
+        self.compiled = torch.compile(self.entry, backend=self.backend, dynamic=None,
+                                      recompile_limit=self.recompile_limit)
+        self.hooks = _hook_state(self.model) if self.model is not None else None
+
+    def _rebuild(self) -> None:
+        """Drop the compiled code and start afresh (the next call traces again)."""
+        self.release()
+        self._build()
 
     def __call__(self, *args, **kwargs):
         if self.compiled is None:
             return self.original(*args, **kwargs)
+        if self.model is not None and _hook_state(self.model) != self.hooks:
+            self._rebuild()  # hooks added or removed since the capture
         _mark_dynamic(itertools.chain(args, kwargs.values()))
         before = len(self.capture.graphs)
         try:
             out = self.compiled(*args, **kwargs)
-        except Exception as err:  # noqa: BLE001 - decide below whether capture or input failed
-            try:
-                out = self.original(*args, **kwargs)
-            except Exception:
-                raise err from None  # the input is at fault: the user sees the model's error
-            self._give_up(err)
-            return out
+        except BaseException as err:
+            if isinstance(err, Exception) and _dynamo_error(err):
+                cause = _lxt_cause(err)
+                if cause is not None:
+                    self._rebuild()
+                    raise cause from None
+                self._give_up(err)
+                return self.original(*args, **kwargs)
+            # the model's own error (or an interrupt): a capture cut short is not reused
+            self._rebuild()
+            raise
+        self.calls += 1
         new = len(self.capture.graphs) - before
         if new > 1:
             self.capture.graph_breaks += new - 1
@@ -197,6 +256,11 @@ class PatchedForward:
                 "them runs with plain gradients. Composite.summary() lists what was rewritten.",
                 stacklevel=3,
             )
+        if self.calls == 1 and not self.capture.graphs:
+            self.capture.failure = "TorchDynamo captured no graph (is the forward disabled for compilation?)"
+            warnings.warn(
+                f"lxt: {self.capture.failure}. Module rules still apply; functional calls carry "
+                "plain gradients. Composite.summary() shows what is covered.", stacklevel=3)
         return out
 
     def _give_up(self, err: Exception) -> None:

@@ -281,6 +281,16 @@ class Rule:
         raise NotImplementedError
 
 
+def _bind_positionally(module, args, kwargs):
+    import inspect
+
+    try:
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return args, kwargs
+    return bound.args, bound.kwargs
+
+
 class RuleModule(LxtModule):
     """An ``nn.Module`` that runs a wrapped module under a :class:`Rule`.
 
@@ -294,6 +304,9 @@ class RuleModule(LxtModule):
         self.module = module
 
     def lrp_forward(self, *args, **kwargs):
+        if kwargs:
+            # tensors passed by keyword (HF: attn(hidden_states=...)) receive relevance too
+            args, kwargs = _bind_positionally(self.module, args, kwargs)
         return self.rule.apply(self.module, *args, **kwargs)
 
     def __getattr__(self, name: str):

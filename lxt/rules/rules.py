@@ -5,6 +5,7 @@ sign-aware stabiliser of :func:`lxt.rules.stabilize`.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -27,10 +28,14 @@ __all__ = [
 ]
 
 
+def _check_number(name: str, value, rule: str = "") -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"lxt: {rule}{name} must be a finite number >= 0, got {value!r}.")
+    return float(value)
+
+
 def _check_epsilon(epsilon: float) -> float:
-    if not isinstance(epsilon, (int, float)) or epsilon < 0:
-        raise ValueError(f"lxt: epsilon must be a number >= 0, got {epsilon!r}.")
-    return float(epsilon)
+    return _check_number("epsilon", epsilon)
 
 
 class EpsilonRule(Rule):
@@ -166,9 +171,7 @@ class GammaRule(Rule):
     saves_tensors = True
 
     def __init__(self, gamma: float = 0.25, epsilon: float = EPSILON):
-        if not isinstance(gamma, (int, float)) or gamma < 0:
-            raise ValueError(f"lxt: GammaRule needs gamma >= 0, got {gamma!r}.")
-        self.gamma = float(gamma)
+        self.gamma = _check_number("gamma", gamma, "GammaRule needs gamma >= 0: ")
         self.epsilon = _check_epsilon(epsilon)
 
     def _params(self):

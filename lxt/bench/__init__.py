@@ -1,0 +1,1 @@
+"""Benchmarks: faithfulness (perturbation) and cost (time, memory) — ``lxt bench ...``."""
