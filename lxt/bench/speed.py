@@ -58,6 +58,16 @@ def one_call(model, emb, target):
     return x.grad
 
 
+def ig_call(model, emb, target, steps=50):
+    """Integrated gradients, ``steps`` midpoint steps from a zero baseline."""
+    total = torch.zeros_like(emb)
+    for a in (torch.arange(steps, dtype=torch.float32) + 0.5) / steps:
+        x = (emb * a).requires_grad_()
+        model(inputs_embeds=x, use_cache=False, logits_to_keep=1).logits[0, -1, target].backward()
+        total += x.grad
+    return emb * total / steps
+
+
 def saved_bytes(model, emb, target) -> int:
     """Bytes of the distinct storages kept for backward by one forward (weights excluded)."""
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -76,16 +86,63 @@ def saved_bytes(model, emb, target) -> int:
     return sum(seen.values())
 
 
-def measure(model, emb, target, runs):
+def measure(fn, runs):
+    """Median time and median peak-RSS increase of ``fn()`` over ``runs`` runs after a warm-up."""
     times, mems = [], []
-    one_call(model, emb, target)  # warm-up (and capture, for the composite)
+    fn()  # warm-up (and capture, for a composite)
     for _ in range(runs):
         with PeakRSS() as mem:
             t = time.perf_counter()
-            one_call(model, emb, target)
+            fn()
             times.append(time.perf_counter() - t)
         mems.append(mem.delta)
     return statistics.median(times), statistics.median(mems)
+
+
+def benchmark(model, lengths, runs=5, ig_steps=50, ig_runs=1, vocab=None, log=print) -> dict:
+    """Time and memory of AttnLRP, CP-LRP and integrated gradients relative to input x gradient,
+    same model, same inputs, this process.  Returns a JSON-ready dict."""
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    vocab = vocab or model.config.vocab_size
+    comps = {"attnlrp": lxt.composites.attnlrp(model), "cp-lrp": lxt.composites.cp_lrp(model)}
+    t = time.perf_counter()
+    comps["attnlrp"].register(model)
+    register_s = time.perf_counter() - t
+    comps["attnlrp"].remove()
+    rows = []
+    for n in lengths:
+        torch.manual_seed(0)
+        ids = torch.randint(min(10, vocab - 1), vocab, (1, n))
+        emb = model.get_input_embeddings()(ids).detach()
+        target = int(torch.randint(vocab, (1,)))
+        row = {"tokens": n}
+        row["grad_s"], row["grad_peak_mb"] = (v for v in measure(lambda: one_call(model, emb, target), runs))
+        row["grad_peak_mb"] /= 2**20
+        row["grad_saved_mb"] = saved_bytes(model, emb, target) / 2**20
+        for name, comp in comps.items():
+            with comp.context(model):
+                t0 = time.perf_counter()
+                one_call(model, emb, target)
+                row[f"{name}_first_call_s"] = time.perf_counter() - t0
+                sec, mem = measure(lambda: one_call(model, emb, target), runs)
+                row[f"{name}_s"], row[f"{name}_peak_mb"] = sec, mem / 2**20
+                row[f"{name}_saved_mb"] = saved_bytes(model, emb, target) / 2**20
+                row[f"{name}_graphs"] = len(comp._capture.graphs)
+            row[f"{name}_time_ratio"] = sec / row["grad_s"]
+            row[f"{name}_peak_ratio"] = row[f"{name}_peak_mb"] / max(row["grad_peak_mb"], 1e-9)
+            row[f"{name}_saved_ratio"] = row[f"{name}_saved_mb"] / max(row["grad_saved_mb"], 1e-9)
+        if ig_steps:
+            sec, _ = measure(lambda: ig_call(model, emb, target, ig_steps), ig_runs)
+            row["ig_s"], row["ig_time_ratio"] = sec, sec / row["grad_s"]
+        rows.append(row)
+        log(f"{n:5d} tokens | x*grad {row['grad_s']*1e3:7.0f} ms | AttnLRP {row['attnlrp_time_ratio']:.2f}x "
+            f"time, {row['attnlrp_peak_ratio']:.2f}x peak, {row['attnlrp_saved_ratio']:.2f}x saved | CP-LRP "
+            f"{row['cp-lrp_time_ratio']:.2f}x, {row['cp-lrp_peak_ratio']:.2f}x, {row['cp-lrp_saved_ratio']:.2f}x"
+            + (f" | IG-{ig_steps} {row['ig_time_ratio']:.1f}x" if ig_steps else ""))
+    return {"machine": platform.machine(), "cpus": psutil.cpu_count(), "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__, "threads": torch.get_num_threads(),
+            "date": time.strftime("%Y-%m-%d"), "register_s": register_s, "runs": runs, "rows": rows}
 
 
 def main(argv=None, reexec: bool = False):
@@ -95,49 +152,20 @@ def main(argv=None, reexec: bool = False):
         os.execv(sys.executable, [sys.executable, *sys.argv])
     p = argparse.ArgumentParser(prog="lxt bench speed", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lengths", type=int, nargs="+", default=[32, 128, 512])
+    p.add_argument("--lengths", type=int, nargs="+", default=[32, 128, 512, 1024])
     p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--ig-steps", type=int, default=50, help="0 to skip integrated gradients")
     p.add_argument("--json")
     args = p.parse_args(argv)
-    model, tok = load_smollm2()
-    for prm in model.parameters():
-        prm.requires_grad_(False)
-    rows = []
-    comp = lxt.composites.attnlrp(model)
-    t = time.perf_counter()
-    comp.register(model)
-    register_s = time.perf_counter() - t
-    comp.remove()
-    for n in args.lengths:
-        torch.manual_seed(0)
-        ids = torch.randint(10, 40000, (1, n))
-        emb = model.get_input_embeddings()(ids).detach()
-        base_t, base_m = measure(model, emb, 42, args.runs)
-        base_saved = saved_bytes(model, emb, 42)
-        with comp.context(model):
-            t0 = time.perf_counter()
-            one_call(model, emb, 42)
-            first_s = time.perf_counter() - t0
-            lrp_t, lrp_m = measure(model, emb, 42, args.runs)
-            lrp_saved = saved_bytes(model, emb, 42)
-            graphs = len(comp._capture.graphs)
-        rows.append({"tokens": n, "grad_s": base_t, "attnlrp_s": lrp_t, "time_ratio": lrp_t / base_t,
-                     "grad_peak_mb": base_m / 2**20, "attnlrp_peak_mb": lrp_m / 2**20,
-                     "mem_ratio": lrp_m / max(base_m, 1), "first_call_s": first_s, "graphs": graphs,
-                     "grad_saved_mb": base_saved / 2**20, "attnlrp_saved_mb": lrp_saved / 2**20,
-                     "saved_ratio": lrp_saved / max(base_saved, 1)})
-        r = rows[-1]
-        print(f"{n:5d} tokens  input x gradient {r['grad_s']*1e3:8.1f} ms  AttnLRP {r['attnlrp_s']*1e3:8.1f} ms"
-              f"  ratio {r['time_ratio']:.2f}   peak +{r['grad_peak_mb']:.0f} / +{r['attnlrp_peak_mb']:.0f} MB"
-              f"  ratio {r['mem_ratio']:.2f}   saved for backward {r['grad_saved_mb']:.0f} / "
-              f"{r['attnlrp_saved_mb']:.0f} MB ratio {r['saved_ratio']:.2f}   first call {first_s:.1f} s",
-              flush=True)
-    info = {"machine": platform.machine(), "cpus": psutil.cpu_count(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "register_s": register_s, "rows": rows}
-    print(f"register(): {register_s*1e3:.0f} ms")
+    model, _ = load_smollm2()
+    print(f"SmolLM2-135M float32, {torch.get_num_threads()} threads; medians of {args.runs} runs; "
+          "ratios against input x gradient in this run")
+    info = benchmark(model, args.lengths, args.runs, args.ig_steps)
+    print(f"register(): {info['register_s']*1e3:.0f} ms")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(info, f, indent=2)
+        print(f"wrote {args.json}")
     return 0
 
 

@@ -1,0 +1,28 @@
+"""The cost benchmark runs on a tiny model (so it does not rot); it times nothing itself."""
+import torch
+
+from lxt.bench.speed import benchmark, saved_bytes
+from models import tiny_llama
+
+
+def test_speed_benchmark_structure():
+    model = tiny_llama("sdpa", torch.float32)
+    lines = []
+    info = benchmark(model, [8, 12], runs=1, ig_steps=2, log=lines.append)
+    assert [r["tokens"] for r in info["rows"]] == [8, 12] and len(lines) == 2
+    for row in info["rows"]:
+        for name in ("attnlrp", "cp-lrp"):
+            assert row[f"{name}_time_ratio"] > 0 and row[f"{name}_graphs"] == 1
+            assert row[f"{name}_saved_mb"] > 0
+        assert row["ig_s"] > 0
+    assert all(not p.requires_grad for p in model.parameters())  # frozen, as in the benchmark
+
+
+def test_saved_bytes_counts_activations_not_weights():
+    model = tiny_llama("sdpa", torch.float32)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    emb = torch.randn(1, 16, 32)
+    small = saved_bytes(model, emb, 3)
+    big = saved_bytes(model, torch.randn(1, 64, 32), 3)
+    assert 0 < small < big  # grows with the sequence, weights excluded
