@@ -712,3 +712,35 @@ def test_non_finite_text_embedding_is_an_error_or_warning(llm):
             return
     assert torch.isfinite(exp.relevance).all() or any(
         "nan" in str(w.message).lower() or "inf" in str(w.message).lower() for w in caught)
+
+
+def test_gradient_checkpointing_keeps_less_for_backward_with_equal_relevance():
+    """Checkpointing (train mode) keeps far fewer tensors for backward; the relevance is equal."""
+    model = tiny_llama("sdpa", torch.float64, layers=4)
+    gc_model = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gc_model.gradient_checkpointing_enable()
+    gc_model.train()
+    emb = torch.randn(1, 64, 32, dtype=torch.float64)
+    results = []
+    for m in (model, gc_model):
+        weights = {p.untyped_storage().data_ptr() for p in m.parameters()}
+        seen = {}
+
+        def pack(t, seen=seen, weights=weights):
+            st = t.untyped_storage()
+            if st.data_ptr() not in weights:
+                seen[st.data_ptr()] = st.nbytes()
+            return t
+
+        x = emb.clone().requires_grad_()
+        with composites.attnlrp(m).context(m), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                logit = m(inputs_embeds=x, use_cache=False).logits[0, -1, 3]
+            logit.backward(logit)
+        results.append((sum(seen.values()), x.grad))
+    (plain_bytes, plain_rel), (gc_bytes, gc_rel) = results
+    torch.testing.assert_close(gc_rel, plain_rel, rtol=1e-10, atol=1e-12)
+    assert gc_bytes < plain_bytes / 4, (gc_bytes, plain_bytes)
