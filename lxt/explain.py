@@ -175,14 +175,22 @@ def _patched(model, method, composite):
         with comp.context(model):
             yield
     else:
-        flags = [(p, p.requires_grad) for p in model.parameters()]
-        try:
-            for p, _ in flags:
-                p.requires_grad_(False)
+        with frozen_parameters(model):
             yield
-        finally:
-            for p, f in flags:
-                p.requires_grad_(f)
+
+
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module):
+    """Parameters without ``requires_grad`` inside the block (gradients only for the input);
+    the flags are restored on exit."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
 
 
 @contextlib.contextmanager

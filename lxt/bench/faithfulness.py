@@ -204,19 +204,9 @@ def rollout(attentions: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def _frozen(model):
     """Parameters frozen inside the block (gradients only for the input)."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+    from lxt.explain import frozen_parameters
 
-    @contextlib.contextmanager
-    def ctx():
-        try:
-            for p, _ in flags:
-                p.requires_grad_(False)
-            yield
-        finally:
-            for p, f in flags:
-                p.requires_grad_(f)
-
-    return ctx()
+    return frozen_parameters(model)
 
 
 # ---------------------------------------------------------------------------- text
