@@ -23,7 +23,7 @@ from torch import nn
 
 from ..rules.base import Rule
 from .opaque import LxtModule
-from .tracing import Capture, OpRecord, PatchedForward, classify, make_backend, target_name
+from .tracing import Capture, OpRecord, PatchedForward, make_backend
 
 __all__ = ["Composite", "LayerMap"]
 

@@ -8,16 +8,13 @@ removing it drops the cache with it.
 """
 from __future__ import annotations
 
-import functools
 import itertools
-import operator
 import types
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import fx
 
 from .opaque import opaque_module_call

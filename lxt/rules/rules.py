@@ -6,7 +6,7 @@ sign-aware stabiliser of :func:`lxt.rules.stabilize`.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
