@@ -205,7 +205,7 @@ def _latent_hooks(model, patterns, store):
                 raise ValueError(f"lxt: layers pattern {pattern!r} matches no module of {type(model).__name__}.")
         for name, module in model.named_modules():
             if name and any(fnmatch.fnmatchcase(name, p) for p in patterns):
-                key = add_tap(lambda g, name=name: store.__setitem__(name, g.detach().float().cpu()))
+                key = add_tap(lambda g, t, name=name: store.__setitem__(name, _tap_relevance(model, g, t)))
                 keys.append(key)
 
                 def hook(mod, args, out, key=key):
@@ -224,6 +224,20 @@ def _latent_hooks(model, patterns, store):
             h.remove()
         for k in keys:
             remove_tap(k)
+
+
+def gradient_engine(model: nn.Module) -> bool:
+    """Whether ``model`` is registered with a composite of the gradient engine (its backward
+    then carries ``R / activation``)."""
+    comp = getattr(model.__dict__.get("forward"), "lxt_composite", None)
+    return comp is not None and comp.engine == "gradient"
+
+
+def _tap_relevance(model, grad, value):
+    """Relevance of a tapped tensor from the gradient reaching it."""
+    if gradient_engine(model):
+        return (grad.detach().float() * value.detach().float()).cpu()
+    return grad.detach().float().cpu()
 
 
 def _progress(iterable, total, desc, enabled):

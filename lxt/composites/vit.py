@@ -16,7 +16,7 @@ from .. import functional as lf
 from .. import modules as lm
 from ..core.composite import Composite
 from ..rules import GammaRule
-from ._common import arithmetic, attention_calls, epsilon_rule, layer_norm_module, with_epsilon
+from ._common import check_engine, arithmetic, attention_calls, epsilon_rule, layer_norm_module, with_epsilon
 
 #: defaults of the gamma rule (see module docstring)
 CONV_GAMMA = 0.25
@@ -51,14 +51,16 @@ def layer_map(cp: bool = False, model_type: str = "vit", conv_gamma: float = CON
 
 
 def attnlrp(overrides=None, model_type: str = "vit", conv_gamma: float = CONV_GAMMA,
-            mlp_gamma: float = MLP_GAMMA, epsilon=None, **kwargs) -> Composite:
+            mlp_gamma: float = MLP_GAMMA, epsilon=None, engine: str = "gradient",
+           **kwargs) -> Composite:
     """A fresh AttnLRP composite for ``ViTForImageClassification`` / ``ViTModel``."""
     return Composite(layer_map(False, conv_gamma=conv_gamma, mlp_gamma=mlp_gamma, epsilon=epsilon), overrides,
-                     name="AttnLRP[vit]", **kwargs)
+                     engine=check_engine(engine, epsilon), name="AttnLRP[vit]", **kwargs)
 
 
 def cp_lrp(overrides=None, model_type: str = "vit", conv_gamma: float = CONV_GAMMA,
-           mlp_gamma: float = MLP_GAMMA, epsilon=None, **kwargs) -> Composite:
+           mlp_gamma: float = MLP_GAMMA, epsilon=None, engine: str = "gradient",
+           **kwargs) -> Composite:
     """A fresh CP-LRP composite for ViT."""
     return Composite(layer_map(True, conv_gamma=conv_gamma, mlp_gamma=mlp_gamma, epsilon=epsilon), overrides,
-                     name="CP-LRP[vit]", **kwargs)
+                     engine=check_engine(engine, epsilon), name="CP-LRP[vit]", **kwargs)

@@ -21,11 +21,14 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 import torch
 from torch import nn
 
-from ..rules.base import Rule
+from ..rules.base import Rule, bind_engine
 from .opaque import LxtModule
 from .tracing import Capture, OpRecord, PatchedForward, make_backend
 
-__all__ = ["Composite", "LayerMap"]
+__all__ = ["Composite", "LayerMap", "ENGINES"]
+
+#: the execution forms of a composite (see :class:`Composite`)
+ENGINES = ("gradient", "explicit")
 
 
 def _describe(obj) -> str:
@@ -188,6 +191,13 @@ class Composite:
         ``remove``), so weights are constants of the rules.
     name : str, optional
         Shown by :meth:`summary`.
+    engine : {"gradient", "explicit"}
+        How the rules run.  ``"gradient"`` (default): backward carries ``g = R / activation``
+        through the graph, so rules that equal the plain gradient in that form (epsilon on
+        linear layers and sums, softmax) cost nothing and keep nothing; relevance is converted
+        at the registered forward's inputs and outputs, so ``x.grad`` is still the relevance.
+        ``"explicit"``: backward carries ``R`` through every rule (what
+        :func:`lxt.conservation` reports on).  Both give the same relevance as epsilon -> 0.
 
     Examples
     --------
@@ -199,7 +209,11 @@ class Composite:
     """
 
     def __init__(self, layer_map=None, overrides: Optional[Mapping] = None, *, trace: bool = True,
-                 freeze_parameters: bool = True, name: Optional[str] = None):
+                 freeze_parameters: bool = True, name: Optional[str] = None,
+                 engine: str = "gradient"):
+        if engine not in ENGINES:
+            raise ValueError(f"lxt: engine must be one of {', '.join(map(repr, ENGINES))}, got {engine!r}.")
+        self.engine = engine
         self.layer_map = LayerMap(layer_map)
         if overrides is not None and not isinstance(overrides, Mapping):
             raise TypeError("lxt: overrides is a dict {'qualified.name.pattern*': {matcher: rule}}.")
@@ -240,8 +254,12 @@ class Composite:
             if found:
                 if value is None:
                     return None, None
-                return _call_replacement(value, target), _describe(value)
+                return bind_engine(_call_replacement(value, target), self._gradient), _describe(value)
         return None, None
+
+    @property
+    def _gradient(self) -> bool:
+        return self.engine == "gradient"
 
     # ------------------------------------------------------------------ register / remove
     def register(self, model: nn.Module) -> nn.Module:
@@ -327,6 +345,8 @@ class Composite:
                 found, value = self._module_value(qualname, child, parent)
                 if found and value is not None:
                     replacement = _build_module(value, child, qualname)
+                    if isinstance(replacement, LxtModule):
+                        replacement.__dict__["_lxt_engine"] = self._gradient
                     plan.append((parent, child_name, child, replacement, qualname, _describe(value)))
                     continue
                 visit(child, qualname)
@@ -373,7 +393,8 @@ class Composite:
         self._capture = Capture()
         backend = make_backend(self._resolve_call, names, self._capture)
         original = model.forward  # bound method (or a previous instance forward, e.g. accelerate's)
-        patched = PatchedForward(original, backend, self._capture, self.trace, model=model)
+        patched = PatchedForward(original, backend, self._capture, self.trace, model=model,
+                                 gradient=self._gradient)
         self._forward = patched
 
         def forward(*args, **kwargs):
@@ -404,7 +425,8 @@ class Composite:
 
     def __repr__(self):
         state = f"registered on {type(self.model).__name__}" if self.model is not None else "not registered"
-        return f"<{self.name}: {len(self.layer_map)} entries, {len(self.overrides)} overrides, {state}>"
+        return (f"<{self.name}: {len(self.layer_map)} entries, {len(self.overrides)} overrides, "
+                f"{self.engine} engine, {state}>")
 
 
 def _holds_lxt_wrappers(model: nn.Module) -> bool:
@@ -447,6 +469,7 @@ class Summary:
 
     def __init__(self, comp: Composite):
         self.name = comp.name
+        self.engine = comp.engine
         self.model_type = type(comp.model).__name__ if comp.model is not None else None
         self.modules = list(comp._modules)
         ops = [r for r in comp.captured_ops if r.status != "module rule"]
@@ -469,7 +492,7 @@ class Summary:
         return [r for r in self.ops if not r.rewritten and r.status != "compatible"]
 
     def __str__(self) -> str:
-        lines = [f"{self.name} on {self.model_type or '(no model)'}"]
+        lines = [f"{self.name} on {self.model_type or '(no model)'} ({self.engine} engine)"]
         lines.append(f"  modules replaced: {len(self.modules)}")
         agg: dict = {}
         for name, typ, rule in self.modules:

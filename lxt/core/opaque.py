@@ -37,7 +37,7 @@ def opaque_module_call(key: int, *args, **kwargs):
     module = _MODULES[key]
     mode = _fake_mode(args, kwargs)
     if mode is None:
-        return module.lrp_forward(*args, **kwargs)
+        return module._lrp_call(*args, **kwargs)
     # shape propagation at capture time: same computation on fake parameters
     state = {n: mode.from_tensor(t, static_shapes=True) for n, t in
              itertools.chain(module.named_parameters(), module.named_buffers())}
@@ -84,7 +84,22 @@ class LxtModule(nn.Module):
     def forward(self, *args, **kwargs):
         if torch.compiler.is_compiling():
             return opaque_module_call(self.__dict__["_lxt_key"], *args, **kwargs)
-        return self.lrp_forward(*args, **kwargs)
+        return self._lrp_call(*args, **kwargs)
+
+    def _lrp_call(self, *args, **kwargs):
+        # a composite sets the engine its modules run in (``_lxt_engine``: True for the
+        # gradient form); a module built by hand follows the caller's
+        gradient = self.__dict__.get("_lxt_engine")
+        if gradient is None:
+            return self.lrp_forward(*args, **kwargs)
+        from ..rules.base import ENGINE
+
+        previous = ENGINE.gradient
+        ENGINE.gradient = gradient
+        try:
+            return self.lrp_forward(*args, **kwargs)
+        finally:
+            ENGINE.gradient = previous
 
     def lrp_forward(self, *args, **kwargs):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -95,25 +110,30 @@ _TAPS: dict = {}
 
 
 class _Tap(torch.autograd.Function):
-    """Identity whose backward hands the incoming relevance to a callback."""
+    """Identity whose backward hands the incoming gradient (and the tapped value) to a
+    callback."""
 
     @staticmethod
     def forward(ctx, key, t):
         ctx.key = key
+        ctx.save_for_backward(t)
         return t.view_as(t)
 
     @staticmethod
     def backward(ctx, grad):
         callback = _TAPS.get(ctx.key)
         if callback is not None:
-            callback(grad)
+            (t,) = ctx.saved_tensors
+            callback(grad, t)
         return None, grad
 
 
 @torch._dynamo.allow_in_graph
 def tap(key: int, t):
-    """``t`` unchanged; in backward, ``callback(relevance of t)`` for the callback registered
-    under ``key`` with :func:`add_tap`.  One opaque node under TorchDynamo (no graph break)."""
+    """``t`` unchanged; in backward, ``callback(gradient, t)`` for the callback registered
+    under ``key`` with :func:`add_tap` (the gradient is the relevance of ``t`` in the explicit
+    engine, ``R / t`` in the gradient engine).  One opaque node under TorchDynamo (no graph
+    break)."""
     if _is_fake(t) or not t.requires_grad:
         return t.view_as(t)
     return _Tap.apply(key, t)

@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import torch
 from torch import fx
 
+from ..rules.base import gradient_to_relevance, relevance_to_gradient
 from .opaque import opaque_module_call
 
 _TRAMPOLINES = itertools.count(1)
@@ -145,6 +146,40 @@ def make_backend(resolve: Callable, names: dict, capture: Capture) -> Callable:
     return backend
 
 
+def _input_boundary(t: torch.Tensor) -> torch.Tensor:
+    if t.requires_grad and t.is_floating_point():
+        return gradient_to_relevance(t)  # g from the graph leaves as R = x * g
+    return t
+
+
+def _output_boundary(t: torch.Tensor) -> torch.Tensor:
+    if t.requires_grad and t.is_floating_point():
+        return relevance_to_gradient(t)  # R from the caller enters as g = R / stab(y)
+    return t
+
+
+def _map_tensors(obj, fn, depth: int = 0):
+    """``fn`` applied to every tensor in nested tuples / lists / dicts / ModelOutputs."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if depth > 4:
+        return obj
+    if isinstance(obj, tuple):
+        items = [_map_tensors(o, fn, depth + 1) for o in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    if isinstance(obj, list):
+        return [_map_tensors(o, fn, depth + 1) for o in obj]
+    if isinstance(obj, dict):
+        if type(obj) is dict:
+            return {k: _map_tensors(v, fn, depth + 1) for k, v in obj.items()}
+        for k, v in list(obj.items()):  # ModelOutput and other dict subclasses: in place
+            new = _map_tensors(v, fn, depth + 1)
+            if new is not v:
+                obj[k] = new
+        return obj
+    return obj
+
+
 def _template(*args, **kwargs):
     return __lxt_forward__(*args, **kwargs)  # noqa: F821 - bound in the trampoline's globals
 
@@ -199,7 +234,8 @@ class PatchedForward:
     """
 
     def __init__(self, original: Callable, backend: Callable, capture: Capture, trace: bool,
-                 model=None, recompile_limit: int = 64):
+                 model=None, recompile_limit: int = 64, gradient: bool = False):
+        self.gradient = gradient
         self.original = original
         self.capture = capture
         self.trace = trace
@@ -225,6 +261,13 @@ class PatchedForward:
         self._build()
 
     def __call__(self, *args, **kwargs):
+        if not (self.gradient and torch.is_grad_enabled()):
+            return self._call(*args, **kwargs)
+        # gradient engine: relevance in, relevance out (see lxt.rules.base)
+        args, kwargs = _map_tensors((args, kwargs), _input_boundary)
+        return _map_tensors(self._call(*args, **kwargs), _output_boundary)
+
+    def _call(self, *args, **kwargs):
         if self.compiled is None:
             return self.original(*args, **kwargs)
         if self.model is not None and _hook_state(self.model) != self.hooks:
@@ -251,13 +294,13 @@ class PatchedForward:
             warnings.warn(
                 f"lxt: the forward was captured as {new} graphs (graph breaks); code between "
                 "them runs with plain gradients. Composite.summary() lists what was rewritten.",
-                stacklevel=3,
+                stacklevel=4,
             )
         if self.calls == 1 and not self.capture.graphs:
             self.capture.failure = "TorchDynamo captured no graph (is the forward disabled for compilation?)"
             warnings.warn(
                 f"lxt: {self.capture.failure}. Module rules still apply; functional calls carry "
-                "plain gradients. Composite.summary() shows what is covered.", stacklevel=3)
+                "plain gradients. Composite.summary() shows what is covered.", stacklevel=4)
         return out
 
     def _give_up(self, err: Exception) -> None:
@@ -269,7 +312,7 @@ class PatchedForward:
             "Module rules still apply; functional calls (additions, products, attention, ...) "
             "outside replaced modules run with plain gradients. Composite.summary() shows what "
             "is covered.",
-            stacklevel=3,
+            stacklevel=5,
         )
         self.release()
 

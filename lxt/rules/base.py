@@ -1,4 +1,4 @@
-"""The one autograd Function every LRP rule runs through, and the stabiliser.
+"""The one autograd Function every LRP rule runs through, the stabiliser, and the two engines.
 
 Every rule in lxt — whether reached through a drop-in functional (``lxt.functional``), a
 drop-in module (``lxt.modules``), a rule wrapping a module (``lxt.rules``) or a graph rewrite
@@ -6,9 +6,19 @@ drop-in module (``lxt.modules``), a rule wrapping a module (``lxt.rules``) or a 
 output into the relevance of the inputs.  :class:`Rule.apply` runs the wrapped callable in
 forward exactly as torch would and installs a single autograd node whose backward calls that
 method, so ``y.backward(R); x.grad`` *is* the relevance of ``x`` (explicit LRP).
+
+The same rule also has a *gradient form* (:meth:`Rule.gradient_at`), used by composites with
+``engine="gradient"`` (the default of every shipped table): backward then carries
+``g = R / activation`` instead of ``R``, so ``R = x * g`` at any tensor.  In that form the
+epsilon rule *is* the plain gradient (nothing to wrap, nothing extra kept for backward) and
+most other rules only rescale or detach; rules without a gradient form run explicitly between
+two boundary conversions (:func:`relevance_to_gradient`, :func:`gradient_to_relevance`).
+Which form a rule call takes is decided by :data:`ENGINE`, set by the composite around the
+calls it rewrote (:func:`bind_engine`); outside a composite every rule is explicit.
 """
 from __future__ import annotations
 
+import operator
 import threading
 from typing import Any, Callable, Sequence
 
@@ -56,6 +66,145 @@ class _Recorder(threading.local):
 
 
 RECORDER = _Recorder()
+
+
+class _Engine(threading.local):
+    """Which form rule calls take on this thread: explicit (default) or gradient."""
+
+    gradient = False
+
+
+#: Thread-local engine switch, set only around calls a composite rewrote (see :func:`bind_engine`).
+ENGINE = _Engine()
+
+
+def bind_engine(fn: Callable, gradient: bool) -> Callable:
+    """``fn`` running its rule calls in the gradient form (``gradient=True``) or explicitly.
+
+    The form is bound to the call site, not to a period of time, so a forward recomputed in
+    backward (activation checkpointing) takes the same form as the original forward.
+    """
+
+    def bound(*args, **kwargs):
+        previous = ENGINE.gradient
+        ENGINE.gradient = gradient
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            ENGINE.gradient = previous
+
+    bound.__name__ = getattr(fn, "__name__", "bound")
+    bound.__qualname__ = getattr(fn, "__qualname__", bound.__name__)
+    bound.__wrapped__ = fn
+    bound.lxt_engine = "gradient" if gradient else "explicit"
+    return bound
+
+
+# ---------------------------------------------------------------------- gradient form
+#
+# In the gradient form a tensor t carries g = R / t in backward, i.e. R = t * g.  Two
+# identity functions convert at the border between the forms:
+#
+#   relevance_to_gradient(t): backward receives R (from an explicit rule, or from the user
+#       at a model output) and passes g = R / stab(t) upstream.  Dividing by stab(t) is what
+#       the epsilon rule of the layer that produced t would do (R_in = x * J^T (R / stab(t))),
+#       so explicit and gradient forms agree exactly across the border.
+#   gradient_to_relevance(t): backward receives g and passes R = t * g upstream (to an
+#       explicit rule, or to the user at a model input).
+#
+# Both keep only t, which is alive anyway (an input or output of the surrounding call).
+
+
+class _RelevanceToGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t):
+        ctx.save_for_backward(t)
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, relevance):
+        (t,) = ctx.saved_tensors
+        ct = compute_dtype(t.dtype)
+        g = relevance.to(ct) / stabilize(t.detach().to(ct), GRADIENT_EPSILON)
+        return g.to(relevance.dtype)
+
+
+class _GradientToRelevance(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t):
+        ctx.save_for_backward(t)
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (t,) = ctx.saved_tensors
+        ct = compute_dtype(t.dtype)
+        return (t.detach().to(ct) * grad.to(ct)).to(grad.dtype)
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """Identity in forward; multiplies the gradient by a constant in backward (keeps nothing)."""
+
+    @staticmethod
+    def forward(ctx, t, scale):
+        ctx.scale = scale
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+class _RatioGradient(torch.autograd.Function):
+    """``fn(x)`` in forward; ``g_x = g * fn(x) / stab(x)`` in backward (identity rule)."""
+
+    @staticmethod
+    def forward(ctx, fn, template, position, kwargs, x):
+        args = _fill(template, [position], [x.detach()])
+        y = fn(*args, **kwargs)
+        if not isinstance(y, Tensor):
+            raise TypeError(f"lxt: IdentityRule needs {_name_of(fn)} to return one tensor, "
+                            f"it returned {type(y).__name__}.")
+        ct = compute_dtype(x.dtype)
+        if y.shape == x.shape:
+            ratio = y.detach().to(ct) / stabilize(x.detach().to(ct), GRADIENT_EPSILON)
+            ctx.save_for_backward(ratio.to(x.dtype))
+            ctx.broadcast = False
+        else:  # output broadcast beyond the input: R_x = (y * g) summed back to x's shape
+            ctx.save_for_backward(y.detach(), x.detach())
+            ctx.broadcast = True
+        return y.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not ctx.broadcast:
+            (ratio,) = ctx.saved_tensors
+            return None, None, None, None, grad * ratio
+        y, x = ctx.saved_tensors
+        ct = compute_dtype(x.dtype)
+        r = (y.to(ct) * grad.to(ct)).sum_to_size(x.shape)
+        return None, None, None, None, (r / stabilize(x.to(ct), GRADIENT_EPSILON)).to(x.dtype)
+
+
+#: Stabiliser of the divisions the gradient form makes (at boundaries and in the identity rule).
+GRADIENT_EPSILON = EPSILON
+
+
+def relevance_to_gradient(t: Tensor) -> Tensor:
+    """``t`` unchanged; in backward the incoming relevance ``R`` leaves as ``g = R / stab(t)``."""
+    return _RelevanceToGradient.apply(t)
+
+
+def gradient_to_relevance(t: Tensor) -> Tensor:
+    """``t`` unchanged; in backward the incoming ``g`` leaves as the relevance ``R = t * g``."""
+    return _GradientToRelevance.apply(t)
+
+
+def scale_gradient(t: Tensor, scale: float) -> Tensor:
+    """``t`` unchanged; its gradient multiplied by ``scale`` in backward."""
+    if scale == 1:
+        return t
+    return _ScaleGradient.apply(t, scale)
 
 
 def _check_dtype(t: Tensor, rule: "Rule", fn: Callable) -> None:
@@ -271,14 +420,61 @@ class Rule:
             _check_dtype(t, self, fn)
         if not torch.is_grad_enabled() or not any(t.requires_grad for t in inputs):
             return fn(*args, **kwargs)
+        if ENGINE.gradient:
+            return self.gradient_at(fn, args, kwargs, positions, label=label)
+        return self.explicit_at(fn, args, kwargs, positions, label=label)
+
+    def explicit_at(self, fn: Callable, args: Sequence, kwargs: dict, positions: Sequence[int],
+                    label: str | None = None):
+        """The explicit form: backward receives ``R`` and returns the inputs' ``R``."""
+        inputs = [args[p] for p in positions]
         template = list(args)
         for p in positions:
             template[p] = None
         return _RuleFunction.apply(self, fn, template, list(positions), kwargs, label, *inputs)
 
+    def gradient_at(self, fn: Callable, args: Sequence, kwargs: dict, positions: Sequence[int],
+                    label: str | None = None):
+        """The gradient form: backward receives ``g = R / output`` and returns ``R_x / x`` for
+        each input ``x``.
+
+        This default holds for every rule: it runs the explicit form between two boundary
+        conversions (``R = output * g`` before it, ``g = R / stab(x)`` after it).  Rules whose
+        gradient form is cheaper override it.
+        """
+        args = list(args)
+        for p in positions:
+            if args[p].requires_grad:
+                args[p] = relevance_to_gradient(args[p])
+        return gradient_to_relevance(self.explicit_at(fn, args, kwargs, positions, label=label))
+
     def relevance(self, call: _Call, relevance: Tensor) -> list:
         """Relevance of each input of ``call`` given the relevance of its output."""
         raise NotImplementedError
+
+
+def plain_call(fn: Callable, args: Sequence, kwargs: dict, positions: Sequence[int],
+               scales: Sequence[float] | None = None):
+    """``fn(*args, **kwargs)`` with plain autograd, for gradient forms.
+
+    Only ``args[positions]`` receive a gradient (as in the explicit form, every other tensor is
+    a constant of the rule), each multiplied by its entry of ``scales``.
+    """
+    args = list(args)
+    if any(isinstance(a, Tensor) and a.requires_grad for i, a in enumerate(args) if i not in positions):
+        args = [a.detach() if isinstance(a, Tensor) and i not in positions else a
+                for i, a in enumerate(args)]
+    if any(isinstance(v, Tensor) and v.requires_grad for v in kwargs.values()):
+        kwargs = {k: v.detach() if isinstance(v, Tensor) else v for k, v in kwargs.items()}
+    if scales is not None:
+        for p, s in zip(positions, scales):
+            args[p] = scale_gradient(args[p], s)
+    return fn(*args, **kwargs)
+
+
+def n_variable(args: Sequence, positions: Sequence[int]) -> int:
+    """Number of the inputs at ``positions`` that receive relevance."""
+    return sum(1 for p in positions if args[p].requires_grad)
 
 
 def _bind_positionally(module, args, kwargs):

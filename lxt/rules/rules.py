@@ -6,13 +6,15 @@ sign-aware stabiliser of :func:`lxt.rules.stabilize`.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import EPSILON, Rule, _Call, compute_dtype, stabilize
+from .base import (EPSILON, Rule, _Call, _RatioGradient, compute_dtype, n_variable, plain_call,
+                   stabilize)
 
 __all__ = [
     "EpsilonRule",
@@ -63,6 +65,11 @@ class EpsilonRule(Rule):
     def _denominator_scale(self, call: _Call) -> int:
         return 1
 
+    def gradient_at(self, fn, args, kwargs, positions, label=None):
+        # R_x = x * J^T (R / stab(z)) with R = z * g gives g_x = R_x / x = J^T g (eps -> 0):
+        # the plain gradient.  Nothing to wrap, nothing kept beyond what autograd keeps.
+        return plain_call(fn, args, kwargs, positions)
+
     def relevance(self, call, relevance):
         out = call.output
         ct = compute_dtype(out.dtype)
@@ -100,6 +107,12 @@ class UniformEpsilonRule(EpsilonRule):
     def _denominator_scale(self, call):
         return max(call.n_variable, 1)
 
+    def gradient_at(self, fn, args, kwargs, positions, label=None):
+        # R_x = x * J_x^T (R / stab(n z)) with R = z * g gives g_x = J_x^T g / n: the plain
+        # gradient of each of the n variable inputs, divided by n.
+        n = max(n_variable(args, positions), 1)
+        return plain_call(fn, args, kwargs, positions, [1.0 / n] * len(positions))
+
 
 class UniformRule(Rule):
     r"""Uniform rule (AttnLRP Prop. 3.2): every variable input gets ``R / n``.
@@ -115,6 +128,20 @@ class UniformRule(Rule):
             (relevance / n).sum_to_size(x.shape) if need else None
             for x, need in zip(call.inputs, call.needs)
         ]
+
+    def gradient_at(self, fn, args, kwargs, positions, label=None):
+        # R_a = R / n with R = z * g gives g_a = z g / (n a).  For a product z = a * b,
+        # z / a = b = dz/da, so g_a is the plain gradient divided by n (n = 1, one constant
+        # factor: the identity rule, also the plain gradient).  Other callables: explicit.
+        if fn in _PRODUCTS:
+            n = max(n_variable(args, positions), 1)
+            return plain_call(fn, args, kwargs, positions, [1.0 / n] * len(positions))
+        return super().gradient_at(fn, args, kwargs, positions, label)
+
+
+_PRODUCTS = (operator.mul, torch.mul, torch.Tensor.mul, operator.imul)
+#: elementwise functions with y = f'(x) * x (f' constant): their identity rule is the gradient
+_LINEAR_ELEMENTWISE = (operator.neg, torch.neg, torch.Tensor.neg, operator.pos)
 
 
 class IdentityRule(Rule):
@@ -135,6 +162,24 @@ class IdentityRule(Rule):
             relevance.sum_to_size(x.shape) if need else None
             for x, need in zip(call.inputs, call.needs)
         ]
+
+    def gradient_at(self, fn, args, kwargs, positions, label=None):
+        # R_x = R with R = y * g gives g_x = g * y / x (x stabilised like the epsilon rule
+        # stabilises the layer that produced x, so both forms agree exactly).  Keeps y / x,
+        # one tensor of x's size (what plain autograd keeps for the activation).  For a
+        # linear elementwise map (negation) y / x is its derivative: the plain gradient.
+        var = [p for p in positions if args[p].requires_grad]
+        if len(var) > 1:
+            raise ValueError(
+                f"lxt: IdentityRule gives all relevance to one input, but {len(var)} "
+                "inputs of this call require grad; use UniformRule to share it."
+            )
+        if fn in _LINEAR_ELEMENTWISE:
+            return plain_call(fn, args, kwargs, positions)
+        (p,) = var
+        template = list(args)
+        template[p] = None
+        return _RatioGradient.apply(fn, template, p, kwargs, args[p])
 
 
 class StopRelevanceRule(Rule):
@@ -350,6 +395,11 @@ class SoftmaxDTRule(Rule):
         R = relevance.to(ct)
         return [x * (R - s * R.sum(self.dim, keepdim=True))]
 
+    def gradient_at(self, fn, args, kwargs, positions, label=None):
+        # R_x = x * (R - s sum(R)) with R = s * g gives g_x = s * (g - sum(s * g)): the
+        # plain gradient of softmax.
+        return plain_call(fn, args, kwargs, positions)
+
 
 class AttnLRPAttentionRule(Rule):
     r"""AttnLRP for scaled dot-product attention ``o = softmax(q k^T * scale + mask) v``.
@@ -386,6 +436,16 @@ class AttnLRPAttentionRule(Rule):
             None if dk is None else k.to(ct) * dk.to(ct) / n_qk,
             None if dv is None else v.to(ct) * dv.to(ct),
         ]
+
+    def gradient_at(self, fn, args, kwargs, positions, label=None):
+        # Matmul rule (A, v) -> g_A, g_v = plain / m; softmax DT with bias -> plain gradient;
+        # matmul rule (q, k) -> g_q, g_k = plain / n_qk.  So q and k get their plain
+        # gradient / (m n_qk) (1/4 when all three are variable), v its plain gradient / m.
+        need_q, need_k, need_v = (args[p].requires_grad for p in positions)
+        n_qk = int(need_q) + int(need_k)
+        m = int(n_qk > 0) + int(need_v)
+        qk = 1.0 / (max(m, 1) * max(n_qk, 1))
+        return plain_call(fn, args, kwargs, positions, [qk, qk, 1.0 / max(m, 1)])
 
 
 class CPLRPAttentionRule(EpsilonRule):
