@@ -22,8 +22,9 @@ import time
 import psutil
 import torch
 
-import lxt.composites
-from lxt.models import load_smollm2
+# The measuring functions (PeakRSS, one_call, saved_bytes, measure) import nothing of lxt, so
+# benchmarks/published_lxt.py can load this file by path and measure the published package
+# with the very same harness in its own process.
 
 
 class PeakRSS:
@@ -102,6 +103,8 @@ def measure(fn, runs):
 def benchmark(model, lengths, runs=5, ig_steps=50, ig_runs=1, vocab=None, log=print) -> dict:
     """Time and memory of AttnLRP, CP-LRP and integrated gradients relative to input x gradient,
     same model, same inputs, this process.  Returns a JSON-ready dict."""
+    import lxt.composites
+
     for prm in model.parameters():
         prm.requires_grad_(False)
     vocab = vocab or model.config.vocab_size
@@ -157,6 +160,8 @@ def main(argv=None, reexec: bool = False):
     p.add_argument("--ig-steps", type=int, default=50, help="0 to skip integrated gradients")
     p.add_argument("--json")
     args = p.parse_args(argv)
+    from lxt.models import load_smollm2
+
     model, _ = load_smollm2()
     print(f"SmolLM2-135M float32, {torch.get_num_threads()} threads; medians of {args.runs} runs; "
           "ratios against input x gradient in this run")
