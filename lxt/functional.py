@@ -157,6 +157,19 @@ def _rms_norm_llama(hidden_states: Tensor, weight: Optional[Tensor], eps: float)
     return h if weight is None else weight * h
 
 
+def _rms_norm_llama_detached(hidden_states: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
+    input_dtype = hidden_states.dtype
+    h = hidden_states.to(torch.float32)
+    h = h * torch.rsqrt(h.detach().pow(2).mean(-1, keepdim=True) + eps)
+    h = h.to(input_dtype)
+    return h if weight is None else weight * h
+
+
+# Gradient forms of the identity rule on normalisations (see IdentityRule.gradient_at): the
+# normaliser detached, so backward multiplies by it and keeps nothing else.
+_rms_norm_llama.lxt_gradient_form = _rms_norm_llama_detached
+
+
 def rms_norm_identity(hidden_states: Tensor, weight: Optional[Tensor],
                       variance_epsilon: float = 1e-6) -> Tensor:
     r"""Llama's RMSNorm (normalise in float32, cast back, scale by ``weight``) with the
@@ -167,7 +180,31 @@ def rms_norm_identity(hidden_states: Tensor, weight: Optional[Tensor],
 def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
              eps: Optional[float] = None) -> Tensor:
     r"""``F.rms_norm`` with the identity rule (AttnLRP Prop. 3.4): ``R_x = R``."""
-    return _IDENTITY.apply_at(F.rms_norm, (input, normalized_shape, weight, eps), {}, [0])
+    return _IDENTITY.apply_at(_rms_norm, (input, normalized_shape, weight, eps), {}, [0])
+
+
+def _rms_norm(input, normalized_shape, weight=None, eps=None):
+    return F.rms_norm(input, normalized_shape, weight, eps)
+
+
+def _rms_norm_detached(input, normalized_shape, weight=None, eps=None):
+    dims = tuple(range(-len(normalized_shape), 0))
+    if eps is None:
+        eps = torch.finfo(input.dtype).eps
+    out = input * torch.rsqrt(input.detach().pow(2).mean(dims, keepdim=True) + eps)
+    return out if weight is None else out * weight
+
+
+def _normalize(input, p=2.0, dim=1, eps=1e-12):
+    return F.normalize(input, p=p, dim=dim, eps=eps)
+
+
+def _normalize_detached(input, p=2.0, dim=1, eps=1e-12):
+    return input / input.detach().norm(p, dim, keepdim=True).clamp_min(eps)
+
+
+_rms_norm.lxt_gradient_form = _rms_norm_detached
+_normalize.lxt_gradient_form = _normalize_detached
 
 
 def _layer_norm_std_detached(input, normalized_shape, weight, bias, eps):
@@ -218,7 +255,7 @@ def normalize(input: Tensor, p: float = 2.0, dim: int = 1, eps: float = 1e-12,
     AttnLRP Prop. 3.4): ``R_x = R``."""
     if out is not None:
         raise ValueError("lxt.normalize does not support out=.")
-    return _IDENTITY.apply_at(F.normalize, (input,), {"p": p, "dim": dim, "eps": eps}, [0])
+    return _IDENTITY.apply_at(_normalize, (input,), {"p": p, "dim": dim, "eps": eps}, [0])
 
 
 def identity(fn, input: Tensor, *args, **kwargs) -> Tensor:
@@ -252,7 +289,27 @@ def sigmoid(input: Tensor) -> Tensor:
     return identity(torch.sigmoid, input)
 
 
-def _sdpa_kwargs(attn_mask, dropout_p, is_causal, scale, enable_gqa) -> dict:
+_CAUSAL_SEEN: list = [None, False]  # (identity of the last boolean mask checked, its answer)
+
+
+def _is_causal_mask(mask: Tensor, query: Tensor, key: Tensor) -> bool:
+    """Whether a boolean ``attn_mask`` is exactly the causal mask of ``query`` x ``key`` (every
+    batch and head).  Checked once per mask tensor: a model passes one mask to all its layers."""
+    n = query.shape[-2]
+    if (mask.dtype != torch.bool or key.shape[-2] != n or mask.shape[-2:] != (n, n)
+            or torch.compiler.is_compiling()):
+        return False
+    ident = (mask.data_ptr(), mask._version, tuple(mask.shape), mask.stride())
+    if _CAUSAL_SEEN[0] != ident:
+        causal = torch.ones(n, n, dtype=torch.bool, device=mask.device).tril_()
+        _CAUSAL_SEEN[:] = [ident, bool(torch.equal(mask, causal.expand_as(mask)))]
+    return _CAUSAL_SEEN[1]
+
+
+def _sdpa_kwargs(attn_mask, dropout_p, is_causal, scale, enable_gqa, query, key) -> dict:
+    if attn_mask is not None and not is_causal and _is_causal_mask(attn_mask, query, key):
+        # the same attention through torch's fused causal kernel: no n x n mask kept for backward
+        attn_mask, is_causal = None, True
     kw = {"attn_mask": attn_mask, "dropout_p": dropout_p, "is_causal": is_causal, "scale": scale}
     if enable_gqa:
         kw["enable_gqa"] = True
@@ -290,7 +347,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
     _check_qkv("scaled_dot_product_attention", query, key, value)
     return AttnLRPAttentionRule(epsilon).apply_at(
         F.scaled_dot_product_attention, (query, key, value),
-        _sdpa_kwargs(attn_mask, dropout_p, is_causal, scale, enable_gqa), [0, 1, 2])
+        _sdpa_kwargs(attn_mask, dropout_p, is_causal, scale, enable_gqa, query, key), [0, 1, 2])
 
 
 def scaled_dot_product_attention_cp(query: Tensor, key: Tensor, value: Tensor,
@@ -303,7 +360,7 @@ def scaled_dot_product_attention_cp(query: Tensor, key: Tensor, value: Tensor,
     _check_qkv("scaled_dot_product_attention_cp", query, key, value)
     return CPLRPAttentionRule(epsilon).apply_at(
         F.scaled_dot_product_attention, (query.detach(), key.detach(), value),
-        _sdpa_kwargs(attn_mask, dropout_p, is_causal, scale, enable_gqa), [2])
+        _sdpa_kwargs(attn_mask, dropout_p, is_causal, scale, enable_gqa, query, key), [2])
 
 
 sdpa = scaled_dot_product_attention

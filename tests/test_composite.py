@@ -109,12 +109,13 @@ def test_context_restores_when_body_raises_and_on_keyboard_interrupt():
         assert_restored(model, snap)
 
 
-def test_cp_lrp_conserves_through_every_layer_llama():
+@pytest.mark.parametrize("engine", ["gradient", "explicit"])
+def test_cp_lrp_conserves_through_every_layer_llama(engine):
     """With zero biases, tiny eps and CP-LRP, sum of input relevance == explained logit."""
     model = zero_biases(tiny_llama("sdpa", D, layers=3))
     ids, mask = text_batch()
     emb = model.get_input_embeddings()(ids).detach().requires_grad_()
-    with composites.cp_lrp(model, epsilon=1e-12).context(model):
+    with composites.cp_lrp(model, epsilon=1e-12, engine=engine).context(model):
         logits = run_text(model, emb, mask)
         target = logits[1, -1].argmax()
         logit = logits[1, -1, target]
@@ -125,15 +126,20 @@ def test_cp_lrp_conserves_through_every_layer_llama():
     assert (emb.grad[1, :2] == 0).all()  # padded positions get none
 
 
-def test_relevance_reaches_every_layer():
+@pytest.mark.parametrize("engine", ["gradient", "explicit"])
+def test_relevance_reaches_every_layer(engine):
     from lxt.core.opaque import add_tap, remove_tap, tap
 
     model = tiny_llama("sdpa", D, layers=3)
     ids, mask = text_batch()
     emb = model.get_input_embeddings()(ids).detach().requires_grad_()
     seen = {}
-    comp = composites.cp_lrp(model, epsilon=1e-12)
-    keys = [add_tap(lambda g, i=i: seen.__setitem__(i, g.sum().item())) for i in range(3)]
+    comp = composites.cp_lrp(model, epsilon=1e-12, engine=engine)
+
+    def relevance(g, t):  # the gradient engine carries R / t: the relevance is t * g
+        return (g * t if engine == "gradient" else g).sum().item()
+
+    keys = [add_tap(lambda g, t, i=i: seen.__setitem__(i, relevance(g, t))) for i in range(3)]
     with comp.context(model):
         # identity nodes that report the relevance of each layer's output (no graph break)
         hooks = [layer.register_forward_hook(lambda mod, args, out, k=k: tap(k, out))

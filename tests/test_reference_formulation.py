@@ -27,6 +27,7 @@ AttentionInterface / AttentionMaskInterface while this module's tests run.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import types
 
@@ -272,9 +273,13 @@ def _targets(logits, n_other=1, seed=0):
     return [last.argmax(-1)] + others
 
 
+#: every table in both engines (the gradient form is the default; the explicit one stays
+#: selectable), each against the same independent reference
 COMPOSITES = {
-    "attnlrp": (lxt.composites.attnlrp, False),
-    "cplrp": (lxt.composites.cp_lrp, True),
+    f"{name}-{engine}": (functools.partial(factory, engine=engine), cp)
+    for name, factory, cp in (("attnlrp", lxt.composites.attnlrp, False),
+                              ("cplrp", lxt.composites.cp_lrp, True))
+    for engine in ("gradient", "explicit")
 }
 
 # ----------------------------------------------------------------------------------------
@@ -349,7 +354,7 @@ def test_llama_sequence_classification_matches_reference():
     """LlamaForSequenceClassification (AttnLRP; CP-LRP differs only inside the layers, covered
     above): the score head reads the last position (left padding).  Its first call costs ~6 s
     (HF logs a warning about padding in inputs_embeds inside forward: a graph break)."""
-    rule = "attnlrp"
+    rule = "attnlrp-gradient"
     factory, cp = COMPOSITES[rule]
     model = tiny_llama(attn="sdpa", dtype=torch.float64, cls=LlamaForSequenceClassification,
                        num_labels=3, pad_token_id=0)
@@ -388,8 +393,10 @@ def test_bert_matches_reference(attn, rule):
 # ----------------------------------------------------------------------------------------
 
 VIT_COMPOSITES = {
-    "attnlrp": (lambda model, epsilon: lxt_vit.attnlrp(conv_gamma=0.0, mlp_gamma=0.0, epsilon=epsilon), False),
-    "cplrp": (lambda model, epsilon: lxt_vit.cp_lrp(conv_gamma=0.0, mlp_gamma=0.0, epsilon=epsilon), True),
+    f"{name}-{engine}": (lambda model, epsilon, f=factory, engine=engine: f(
+        conv_gamma=0.0, mlp_gamma=0.0, epsilon=epsilon, engine=engine), cp)
+    for name, factory, cp in (("attnlrp", lxt_vit.attnlrp, False), ("cplrp", lxt_vit.cp_lrp, True))
+    for engine in ("gradient", "explicit")
 }
 
 
@@ -486,7 +493,7 @@ def test_smollm2_bfloat16_agrees_with_float32(smollm2_relevance):
     float32 (same target token)."""
     from lxt.models import load_smollm2
 
-    rels32, tops = smollm2_relevance("attnlrp")
+    rels32, tops = smollm2_relevance("attnlrp-gradient")
     model16, tokenizer = load_smollm2(dtype=torch.bfloat16)
     assert model16.dtype == torch.bfloat16
     rels16, _ = _explain_prompts(model16, lxt.composites.attnlrp(model16), tokenizer, targets=tops)

@@ -69,17 +69,6 @@ def arithmetic(epsilon=None) -> dict:
     }
 
 
-def check_engine(engine: str, epsilon) -> str:
-    """The engine of a table; a finite ``epsilon`` belongs to the explicit engine."""
-    if epsilon is not None and engine == "gradient":
-        raise ValueError(
-            f"lxt: epsilon={epsilon!r} sets the stabiliser of the explicit engine; the gradient "
-            "engine (the default) computes its epsilon -> 0 limit. Pass engine='explicit' "
-            "together with epsilon=."
-        )
-    return engine
-
-
 def epsilon_rule(epsilon):
     return EpsilonRule if epsilon is None else EpsilonRule(epsilon)
 

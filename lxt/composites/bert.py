@@ -14,7 +14,7 @@ from torch import nn
 from .. import functional as lf
 from .. import modules as lm
 from ..core.composite import Composite
-from ._common import check_engine, arithmetic, attention_calls, epsilon_rule, layer_norm_module, with_epsilon
+from ._common import arithmetic, attention_calls, epsilon_rule, layer_norm_module, with_epsilon
 
 
 def layer_map(cp: bool = False, model_type: str = "bert", epsilon=None) -> dict:
@@ -38,10 +38,10 @@ def attnlrp(overrides=None, model_type: str = "bert", epsilon=None, engine: str 
            **kwargs) -> Composite:
     """A fresh AttnLRP composite for BERT (``BertModel``, ``BertForSequenceClassification``,
     ``BertForMaskedLM``)."""
-    return Composite(layer_map(False, epsilon=epsilon), overrides, engine=check_engine(engine, epsilon), name="AttnLRP[bert]", **kwargs)
+    return Composite(layer_map(False, epsilon=epsilon), overrides, engine=engine, epsilon=epsilon, name="AttnLRP[bert]", **kwargs)
 
 
 def cp_lrp(overrides=None, model_type: str = "bert", epsilon=None, engine: str = "gradient",
            **kwargs) -> Composite:
     """A fresh CP-LRP composite for BERT."""
-    return Composite(layer_map(True, epsilon=epsilon), overrides, engine=check_engine(engine, epsilon), name="CP-LRP[bert]", **kwargs)
+    return Composite(layer_map(True, epsilon=epsilon), overrides, engine=engine, epsilon=epsilon, name="CP-LRP[bert]", **kwargs)

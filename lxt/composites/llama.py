@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import functional as lf
+from .. import modules as lm
 from ..core.composite import Composite
 from ..rules import IdentityRule
-from ._common import check_engine, arithmetic, attention_calls, epsilon_rule, gate_detached_mul
+from ._common import arithmetic, attention_calls, epsilon_rule, gate_detached_mul
 
 #: model_type -> (module path, RMSNorm class, MLP class)
 FAMILIES = {
@@ -38,7 +39,7 @@ def layer_map(cp: bool = False, model_type: str = "llama", epsilon=None) -> dict
     norm, mlp = _classes(model_type)
     table = {
         nn.Linear: epsilon_rule(epsilon),
-        norm: IdentityRule,
+        norm: lm.RMSNormIdentity,
         nn.SiLU: IdentityRule,
         F.silu: lf.silu,
     }
@@ -54,10 +55,10 @@ def attnlrp(overrides=None, model_type: str = "llama", epsilon=None, engine: str
     """A fresh AttnLRP composite for Llama-family models (``LlamaForCausalLM``,
     ``LlamaModel``, ``LlamaForSequenceClassification``; Mistral and Qwen2 with ``model_type``).
     ``overrides`` are per-layer maps applied on top of the table."""
-    return Composite(layer_map(False, model_type, epsilon), overrides, engine=check_engine(engine, epsilon), name=f"AttnLRP[{model_type}]", **kwargs)
+    return Composite(layer_map(False, model_type, epsilon), overrides, engine=engine, epsilon=epsilon, name=f"AttnLRP[{model_type}]", **kwargs)
 
 
 def cp_lrp(overrides=None, model_type: str = "llama", epsilon=None, engine: str = "gradient",
            **kwargs) -> Composite:
     """A fresh CP-LRP composite for Llama-family models."""
-    return Composite(layer_map(True, model_type, epsilon), overrides, engine=check_engine(engine, epsilon), name=f"CP-LRP[{model_type}]", **kwargs)
+    return Composite(layer_map(True, model_type, epsilon), overrides, engine=engine, epsilon=epsilon, name=f"CP-LRP[{model_type}]", **kwargs)

@@ -16,7 +16,7 @@ from .. import functional as lf
 from .. import modules as lm
 from ..core.composite import Composite
 from ..rules import GammaRule
-from ._common import check_engine, arithmetic, attention_calls, epsilon_rule, layer_norm_module, with_epsilon
+from ._common import arithmetic, attention_calls, epsilon_rule, layer_norm_module, with_epsilon
 
 #: defaults of the gamma rule (see module docstring)
 CONV_GAMMA = 0.25
@@ -55,7 +55,7 @@ def attnlrp(overrides=None, model_type: str = "vit", conv_gamma: float = CONV_GA
            **kwargs) -> Composite:
     """A fresh AttnLRP composite for ``ViTForImageClassification`` / ``ViTModel``."""
     return Composite(layer_map(False, conv_gamma=conv_gamma, mlp_gamma=mlp_gamma, epsilon=epsilon), overrides,
-                     engine=check_engine(engine, epsilon), name="AttnLRP[vit]", **kwargs)
+                     engine=engine, epsilon=epsilon, name="AttnLRP[vit]", **kwargs)
 
 
 def cp_lrp(overrides=None, model_type: str = "vit", conv_gamma: float = CONV_GAMMA,
@@ -63,4 +63,4 @@ def cp_lrp(overrides=None, model_type: str = "vit", conv_gamma: float = CONV_GAM
            **kwargs) -> Composite:
     """A fresh CP-LRP composite for ViT."""
     return Composite(layer_map(True, conv_gamma=conv_gamma, mlp_gamma=mlp_gamma, epsilon=epsilon), overrides,
-                     engine=check_engine(engine, epsilon), name="CP-LRP[vit]", **kwargs)
+                     engine=engine, epsilon=epsilon, name="CP-LRP[vit]", **kwargs)

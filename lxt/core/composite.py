@@ -21,7 +21,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 import torch
 from torch import nn
 
-from ..rules.base import Rule, bind_engine
+from ..rules.base import EPSILON, Rule, bind_engine
+from .hf import use_causal_skip
 from .opaque import LxtModule
 from .tracing import Capture, OpRecord, PatchedForward, make_backend
 
@@ -198,6 +199,11 @@ class Composite:
         at the registered forward's inputs and outputs, so ``x.grad`` is still the relevance.
         ``"explicit"``: backward carries ``R`` through every rule (what
         :func:`lxt.conservation` reports on).  Both give the same relevance as epsilon -> 0.
+    epsilon : float, optional
+        Stabiliser of the divisions the gradient engine makes (converting relevance at the
+        forward's inputs and outputs, the identity rule's ``y / x``); default
+        :data:`lxt.rules.EPSILON`.  The rules' own ``epsilon`` is theirs: an epsilon-family rule
+        with a larger one than the default runs explicitly in either engine.
 
     Examples
     --------
@@ -210,10 +216,13 @@ class Composite:
 
     def __init__(self, layer_map=None, overrides: Optional[Mapping] = None, *, trace: bool = True,
                  freeze_parameters: bool = True, name: Optional[str] = None,
-                 engine: str = "gradient"):
+                 engine: str = "gradient", epsilon: Optional[float] = None):
         if engine not in ENGINES:
             raise ValueError(f"lxt: engine must be one of {', '.join(map(repr, ENGINES))}, got {engine!r}.")
         self.engine = engine
+        from ..rules.rules import _check_epsilon
+
+        self.epsilon = EPSILON if epsilon is None else _check_epsilon(epsilon)
         self.layer_map = LayerMap(layer_map)
         if overrides is not None and not isinstance(overrides, Mapping):
             raise TypeError("lxt: overrides is a dict {'qualified.name.pattern*': {matcher: rule}}.")
@@ -254,7 +263,8 @@ class Composite:
             if found:
                 if value is None:
                     return None, None
-                return bind_engine(_call_replacement(value, target), self._gradient), _describe(value)
+                return bind_engine(_call_replacement(value, target), self._gradient,
+                                   self.epsilon), _describe(value)
         return None, None
 
     @property
@@ -291,6 +301,10 @@ class Composite:
                 self._modules.append((qualname, type(original).__name__, label))
             if self.freeze_parameters:
                 self._freeze(model)
+            if self.trace:
+                undo = use_causal_skip(model)  # no n x n causal mask in the captured forward
+                if undo is not None:
+                    self._undo.append(undo)
             self._patch_forward(model)
         except BaseException:
             self.remove()
@@ -346,7 +360,7 @@ class Composite:
                 if found and value is not None:
                     replacement = _build_module(value, child, qualname)
                     if isinstance(replacement, LxtModule):
-                        replacement.__dict__["_lxt_engine"] = self._gradient
+                        replacement.__dict__["_lxt_engine"] = (self._gradient, self.epsilon)
                     plan.append((parent, child_name, child, replacement, qualname, _describe(value)))
                     continue
                 visit(child, qualname)
@@ -394,7 +408,7 @@ class Composite:
         backend = make_backend(self._resolve_call, names, self._capture)
         original = model.forward  # bound method (or a previous instance forward, e.g. accelerate's)
         patched = PatchedForward(original, backend, self._capture, self.trace, model=model,
-                                 gradient=self._gradient)
+                                 gradient=self._gradient, epsilon=self.epsilon)
         self._forward = patched
 
         def forward(*args, **kwargs):

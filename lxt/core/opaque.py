@@ -87,19 +87,19 @@ class LxtModule(nn.Module):
         return self._lrp_call(*args, **kwargs)
 
     def _lrp_call(self, *args, **kwargs):
-        # a composite sets the engine its modules run in (``_lxt_engine``: True for the
-        # gradient form); a module built by hand follows the caller's
-        gradient = self.__dict__.get("_lxt_engine")
-        if gradient is None:
+        # a composite sets the engine its modules run in (``_lxt_engine``: gradient form?,
+        # its stabiliser); a module built by hand follows the caller's
+        engine = self.__dict__.get("_lxt_engine")  # (gradient, epsilon)
+        if engine is None:
             return self.lrp_forward(*args, **kwargs)
         from ..rules.base import ENGINE
 
-        previous = ENGINE.gradient
-        ENGINE.gradient = gradient
+        previous = ENGINE.gradient, ENGINE.epsilon
+        ENGINE.gradient, ENGINE.epsilon = engine
         try:
             return self.lrp_forward(*args, **kwargs)
         finally:
-            ENGINE.gradient = previous
+            ENGINE.gradient, ENGINE.epsilon = previous
 
     def lrp_forward(self, *args, **kwargs):  # pragma: no cover - abstract
         raise NotImplementedError

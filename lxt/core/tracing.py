@@ -9,6 +9,7 @@ removing it drops the cache with it.
 from __future__ import annotations
 
 import itertools
+import operator
 import types
 import warnings
 from dataclasses import dataclass, field
@@ -102,6 +103,57 @@ def module_stack(node: fx.Node, names: dict) -> list:
     return out
 
 
+_SDPA = (torch.nn.functional.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
+
+
+def _repeated(node) -> Optional[tuple]:
+    """``(kv, n_rep)`` when ``node`` is ``kv[:, :, None].expand(b, h, n_rep, s, d).reshape(b,
+    h * n_rep, s, d)`` (transformers' ``repeat_kv``), else ``None``."""
+    if not (isinstance(node, fx.Node) and node.op == "call_method" and node.target == "reshape"):
+        return None
+    expand = node.args[0]
+    if not (isinstance(expand, fx.Node) and expand.op == "call_method" and expand.target == "expand"
+            and len(expand.args) == 6 and len(expand.users) == 1):
+        return None
+    index = expand.args[0]
+    if not (isinstance(index, fx.Node) and index.op == "call_function" and index.target is operator.getitem
+            and len(index.users) == 1):
+        return None
+    kv, key = index.args
+    full = slice(None)
+    if key != (full, full, None, full, full):
+        return None
+    n_rep = expand.args[3]
+    return (kv, n_rep) if isinstance(n_rep, int) and n_rep > 1 else None
+
+
+def ungroup_repeated_kv(graph: fx.Graph) -> int:
+    """Grouped-query attention as one fused call: an sdpa call on keys and values repeated to
+    every query head (``repeat_kv``, which transformers uses whenever it builds a mask, as it
+    does under TorchDynamo) runs on the un-repeated ones with ``enable_gqa=True`` instead.
+    Same values; the repeated copies are neither made nor kept for backward."""
+    done = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in _SDPA or node.kwargs.get("enable_gqa"):
+            continue
+        if len(node.args) < 3:
+            continue
+        k, v = _repeated(node.args[1]), _repeated(node.args[2])
+        if k is None or v is None or k[1] != v[1] or len(node.args[1].users) != 1 or len(node.args[2].users) != 1:
+            continue
+        old = node.args[1:3]
+        node.args = (node.args[0], k[0], v[0], *node.args[3:])
+        node.kwargs = {**node.kwargs, "enable_gqa": True}
+        for reshaped in old:  # reshape -> expand -> getitem, now unused
+            expand = reshaped.args[0]
+            index = expand.args[0]
+            graph.erase_node(reshaped)
+            graph.erase_node(expand)
+            graph.erase_node(index)
+        done += 1
+    return done
+
+
 def make_backend(resolve: Callable, names: dict, capture: Capture) -> Callable:
     """A Dynamo backend that rewrites ``call_function`` / ``call_method`` nodes.
 
@@ -109,6 +161,7 @@ def make_backend(resolve: Callable, names: dict, capture: Capture) -> Callable:
     """
 
     def rewrite(graph_module: fx.GraphModule, index: int, records: list) -> None:
+        ungroup_repeated_kv(graph_module.graph)
         for node in graph_module.graph.nodes:
             if node.op not in ("call_function", "call_method"):
                 continue
@@ -152,9 +205,9 @@ def _input_boundary(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _output_boundary(t: torch.Tensor) -> torch.Tensor:
+def _output_boundary(t: torch.Tensor, epsilon: float) -> torch.Tensor:
     if t.requires_grad and t.is_floating_point():
-        return relevance_to_gradient(t)  # R from the caller enters as g = R / stab(y)
+        return relevance_to_gradient(t, epsilon)  # R from the caller enters as g = R / stab(y)
     return t
 
 
@@ -234,8 +287,9 @@ class PatchedForward:
     """
 
     def __init__(self, original: Callable, backend: Callable, capture: Capture, trace: bool,
-                 model=None, recompile_limit: int = 64, gradient: bool = False):
-        self.gradient = gradient
+                 model=None, recompile_limit: int = 64, gradient: bool = False,
+                 epsilon: float = 1e-6):
+        self.gradient, self.epsilon = gradient, epsilon
         self.original = original
         self.capture = capture
         self.trace = trace
@@ -265,7 +319,8 @@ class PatchedForward:
             return self._call(*args, **kwargs)
         # gradient engine: relevance in, relevance out (see lxt.rules.base)
         args, kwargs = _map_tensors((args, kwargs), _input_boundary)
-        return _map_tensors(self._call(*args, **kwargs), _output_boundary)
+        out = self._call(*args, **kwargs)
+        return _map_tensors(out, lambda t: _output_boundary(t, self.epsilon))
 
     def _call(self, *args, **kwargs):
         if self.compiled is None:

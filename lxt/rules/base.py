@@ -69,29 +69,32 @@ RECORDER = _Recorder()
 
 
 class _Engine(threading.local):
-    """Which form rule calls take on this thread: explicit (default) or gradient."""
+    """Which form rule calls take on this thread: explicit (default) or gradient, and the
+    stabiliser of the gradient form's divisions."""
 
     gradient = False
+    epsilon = EPSILON
 
 
 #: Thread-local engine switch, set only around calls a composite rewrote (see :func:`bind_engine`).
 ENGINE = _Engine()
 
 
-def bind_engine(fn: Callable, gradient: bool) -> Callable:
-    """``fn`` running its rule calls in the gradient form (``gradient=True``) or explicitly.
+def bind_engine(fn: Callable, gradient: bool, epsilon: float = EPSILON) -> Callable:
+    """``fn`` running its rule calls in the gradient form (``gradient=True``, divisions
+    stabilised with ``epsilon``) or explicitly.
 
     The form is bound to the call site, not to a period of time, so a forward recomputed in
     backward (activation checkpointing) takes the same form as the original forward.
     """
 
     def bound(*args, **kwargs):
-        previous = ENGINE.gradient
-        ENGINE.gradient = gradient
+        previous = ENGINE.gradient, ENGINE.epsilon
+        ENGINE.gradient, ENGINE.epsilon = gradient, epsilon
         try:
             return fn(*args, **kwargs)
         finally:
-            ENGINE.gradient = previous
+            ENGINE.gradient, ENGINE.epsilon = previous
 
     bound.__name__ = getattr(fn, "__name__", "bound")
     bound.__qualname__ = getattr(fn, "__qualname__", bound.__name__)
@@ -117,16 +120,17 @@ def bind_engine(fn: Callable, gradient: bool) -> Callable:
 
 class _RelevanceToGradient(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, t):
+    def forward(ctx, t, epsilon):
         ctx.save_for_backward(t)
+        ctx.epsilon = epsilon
         return t.view_as(t)
 
     @staticmethod
     def backward(ctx, relevance):
         (t,) = ctx.saved_tensors
         ct = compute_dtype(t.dtype)
-        g = relevance.to(ct) / stabilize(t.detach().to(ct), GRADIENT_EPSILON)
-        return g.to(relevance.dtype)
+        g = relevance.to(ct) / stabilize(t.detach().to(ct), ctx.epsilon)
+        return g.to(relevance.dtype), None
 
 
 class _GradientToRelevance(torch.autograd.Function):
@@ -139,7 +143,10 @@ class _GradientToRelevance(torch.autograd.Function):
     def backward(ctx, grad):
         (t,) = ctx.saved_tensors
         ct = compute_dtype(t.dtype)
-        return (t.detach().to(ct) * grad.to(ct)).to(grad.dtype)
+        r = t.detach().to(ct) * grad.to(ct)
+        if not t.is_floating_point() or torch.isinf(t).any():
+            r = torch.where(torch.isinf(t), 0, r)  # -inf mask entries count as 0 (softmax rule)
+        return r.to(grad.dtype)
 
 
 class _ScaleGradient(torch.autograd.Function):
@@ -166,8 +173,9 @@ class _RatioGradient(torch.autograd.Function):
             raise TypeError(f"lxt: IdentityRule needs {_name_of(fn)} to return one tensor, "
                             f"it returned {type(y).__name__}.")
         ct = compute_dtype(x.dtype)
+        ctx.epsilon = epsilon = ENGINE.epsilon
         if y.shape == x.shape:
-            ratio = y.detach().to(ct) / stabilize(x.detach().to(ct), GRADIENT_EPSILON)
+            ratio = y.detach().to(ct) / stabilize(x.detach().to(ct), epsilon)
             ctx.save_for_backward(ratio.to(x.dtype))
             ctx.broadcast = False
         else:  # output broadcast beyond the input: R_x = (y * g) summed back to x's shape
@@ -183,16 +191,13 @@ class _RatioGradient(torch.autograd.Function):
         y, x = ctx.saved_tensors
         ct = compute_dtype(x.dtype)
         r = (y.to(ct) * grad.to(ct)).sum_to_size(x.shape)
-        return None, None, None, None, (r / stabilize(x.to(ct), GRADIENT_EPSILON)).to(x.dtype)
+        return None, None, None, None, (r / stabilize(x.to(ct), ctx.epsilon)).to(x.dtype)
 
 
-#: Stabiliser of the divisions the gradient form makes (at boundaries and in the identity rule).
-GRADIENT_EPSILON = EPSILON
-
-
-def relevance_to_gradient(t: Tensor) -> Tensor:
-    """``t`` unchanged; in backward the incoming relevance ``R`` leaves as ``g = R / stab(t)``."""
-    return _RelevanceToGradient.apply(t)
+def relevance_to_gradient(t: Tensor, epsilon: float | None = None) -> Tensor:
+    """``t`` unchanged; in backward the incoming relevance ``R`` leaves as ``g = R / stab(t)``
+    (``epsilon``: default the engine's)."""
+    return _RelevanceToGradient.apply(t, ENGINE.epsilon if epsilon is None else epsilon)
 
 
 def gradient_to_relevance(t: Tensor) -> Tensor:

@@ -65,9 +65,17 @@ class EpsilonRule(Rule):
     def _denominator_scale(self, call: _Call) -> int:
         return 1
 
+    @property
+    def _limit(self) -> bool:
+        """Whether this rule is its epsilon -> 0 limit (epsilon at most the default), the case
+        its gradient form computes; a larger epsilon runs explicitly in either engine."""
+        return self.epsilon <= EPSILON
+
     def gradient_at(self, fn, args, kwargs, positions, label=None):
         # R_x = x * J^T (R / stab(z)) with R = z * g gives g_x = R_x / x = J^T g (eps -> 0):
         # the plain gradient.  Nothing to wrap, nothing kept beyond what autograd keeps.
+        if not self._limit:
+            return Rule.gradient_at(self, fn, args, kwargs, positions, label)
         return plain_call(fn, args, kwargs, positions)
 
     def relevance(self, call, relevance):
@@ -110,6 +118,8 @@ class UniformEpsilonRule(EpsilonRule):
     def gradient_at(self, fn, args, kwargs, positions, label=None):
         # R_x = x * J_x^T (R / stab(n z)) with R = z * g gives g_x = J_x^T g / n: the plain
         # gradient of each of the n variable inputs, divided by n.
+        if not self._limit:
+            return Rule.gradient_at(self, fn, args, kwargs, positions, label)
         n = max(n_variable(args, positions), 1)
         return plain_call(fn, args, kwargs, positions, [1.0 / n] * len(positions))
 
@@ -176,6 +186,11 @@ class IdentityRule(Rule):
             )
         if fn in _LINEAR_ELEMENTWISE:
             return plain_call(fn, args, kwargs, positions)
+        form = getattr(fn, "lxt_gradient_form", None)
+        if form is not None:
+            # a normalisation y = x * s(x) declares ``x * s(x).detach()``: its plain gradient
+            # is s = y / x, kept as s alone (one number per row for RMSNorm)
+            return plain_call(form, args, kwargs, positions)
         (p,) = var
         template = list(args)
         template[p] = None
@@ -441,6 +456,8 @@ class AttnLRPAttentionRule(Rule):
         # Matmul rule (A, v) -> g_A, g_v = plain / m; softmax DT with bias -> plain gradient;
         # matmul rule (q, k) -> g_q, g_k = plain / n_qk.  So q and k get their plain
         # gradient / (m n_qk) (1/4 when all three are variable), v its plain gradient / m.
+        if self.epsilon > EPSILON:
+            return super().gradient_at(fn, args, kwargs, positions, label)
         need_q, need_k, need_v = (args[p].requires_grad for p in positions)
         n_qk = int(need_q) + int(need_k)
         m = int(n_qk > 0) + int(need_v)
