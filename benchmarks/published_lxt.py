@@ -12,11 +12,11 @@ How it works
   the pinned source distribution after its sha256 is checked (2.1 ships no wheel).  The
   measurement runs in a child process whose ``sys.path`` puts that folder first; the child
   refuses to run if ``import lxt`` resolves to anything else (e.g. our editable install).
-* ``speed.py``'s measuring functions (``one_call``, ``saved_bytes``, ``measure``, ``PeakRSS``)
+* ``speed.py``'s measuring functions (``one_call``, ``saved_bytes``, ``paired``, ``PeakRSS``)
   import nothing of lxt; the child loads that file by path as ``lxt_speed_harness``.
 * As in ``speed.py: benchmark()``, each length's input is built the same way and the baseline
-  (the unpatched model) and the patched model are timed one after the other in the same
-  process, on the same model object, so that both see the same machine load.  The published
+  (the unpatched model) and the patched model are timed in paired rounds (``paired``) in the
+  same process, on the same model object, so that both see the same machine load.  The published
   patch is process-wide and has no undo, so it is applied once and then switched in and out:
   :class:`PublishedPatch` records which class and module attributes ``monkey_patch`` changed
   and swaps the two sets.  The child checks that switching it out restores plain gradients
@@ -258,25 +258,27 @@ def child(args) -> int:
         model = load_model(args.attn)
     print(f"published lxt {VERSION} (efficient AttnLRP, sdist sha256 {SDIST_SHA256[:12]}...) vs "
           f"input x gradient, SmolLM2-135M float32, attn={args.attn}, {torch.get_num_threads()} "
-          f"threads; medians of {args.runs} runs; ratios against input x gradient in this run")
+          f"threads; paired runs, medians of {args.runs} rounds; ratios against input x gradient in this run")
     check_switch(harness, patch, model, *bench_input(model, min(args.lengths)))
     rows, relevance = [], None
     for n in args.lengths:
         emb, target = bench_input(model, n)
         row = {"tokens": n}
-        row["grad_s"], row["grad_peak_mb"] = harness.measure(lambda: harness.one_call(model, emb, target), args.runs)
-        row["grad_peak_mb"] /= 2**20
+
+        def published():
+            with patch.active():
+                return harness.one_call(model, emb, target)
+
+        res = harness.paired({"grad": lambda: harness.one_call(model, emb, target), "published": published},
+                             args.runs)
+        row["grad_s"], row["grad_peak_mb"] = res["grad"]["s"], res["grad"]["peak_mb"]
+        row["published_s"], row["published_peak_mb"] = res["published"]["s"], res["published"]["peak_mb"]
         row["grad_saved_mb"] = harness.saved_bytes(model, emb, target) / 2**20
         with patch.active():
-            t0 = time.perf_counter()
-            harness.one_call(model, emb, target)
-            row["published_first_call_s"] = time.perf_counter() - t0
-            sec, mem = harness.measure(lambda: harness.one_call(model, emb, target), args.runs)
-            row["published_s"], row["published_peak_mb"] = sec, mem / 2**20
             row["published_saved_mb"] = harness.saved_bytes(model, emb, target) / 2**20
             if n == min(args.lengths):
                 relevance = published_relevance(model, emb, target)
-        row["published_time_ratio"] = sec / row["grad_s"]
+        row["published_time_ratio"] = res["published"]["time_ratio"]
         row["published_peak_ratio"] = row["published_peak_mb"] / max(row["grad_peak_mb"], 1e-9)
         row["published_saved_ratio"] = row["published_saved_mb"] / max(row["grad_saved_mb"], 1e-9)
         rows.append(row)

@@ -132,7 +132,10 @@ def test_gradient_form_equals_explicit_rule(name):
             assert a is None and e is None
             continue
         assert torch.isfinite(a).all()
-        torch.testing.assert_close(a, e, rtol=1e-8, atol=1e-10 * max(e.abs().max().item(), 1.0))
+        # Llama's RMSNorm normalises in float32 even for float64 input (as HF does): there the
+        # two forms agree to float32 round-off only
+        rtol = 1e-6 if name == "rms_norm_identity" else 1e-8
+        torch.testing.assert_close(a, e, rtol=rtol, atol=rtol * 1e-2 * max(e.abs().max().item(), 1.0))
         assert e.abs().max() > 0 or name.startswith("stop")
 
 
@@ -188,7 +191,10 @@ def _inputs(name, model, dtype):
     if name == "vit":
         g = torch.Generator().manual_seed(2)
         return "pixel_values", {"pixel_values": torch.randn(2, 3, 16, 16, generator=g).to(dtype)}
-    ids, mask = text_batch()  # padded batch
+    # a padded batch; not for HF's eager causal attention in float64, which turns fully masked
+    # padding rows into NaN without lxt (see test_reference_formulation.py)
+    eager64 = dtype == D and model.config._attn_implementation == "eager" and name != "bert"
+    ids, mask = text_batch(pad_first=0 if eager64 else 2)
     kw = {"inputs_embeds": model.get_input_embeddings()(ids).detach(), "attention_mask": mask}
     if name != "bert":
         kw["use_cache"] = False

@@ -1,11 +1,12 @@
 """Cost of one AttnLRP explanation relative to plain input x gradient, same model, same inputs,
-same process: median of N runs after warm-up.
+same process: paired runs (each round calls the baseline and every method once), medians of
+N rounds after a warm-up round.
 
 Memory, two ways: the bytes of all tensors kept for backward (saved tensors, model weights
 excluded; deterministic), and the peak RSS increase over the call (sampled; glibc's mmap
 threshold is fixed so that freed tensors go back to the OS and RSS follows live memory).
 
-    lxt bench speed [--lengths 32 128 512 1024] [--runs 5] [--json out.json]
+    lxt bench speed [--lengths 128 512 1024 4096] [--runs 5] [--explicit-up-to 1024] [--json out.json]
     .venv/bin/python benchmarks/speed.py ...   (the same)
 """
 from __future__ import annotations
@@ -100,52 +101,97 @@ def measure(fn, runs):
     return statistics.median(times), statistics.median(mems)
 
 
-def benchmark(model, lengths, runs=5, ig_steps=50, ig_runs=1, vocab=None, log=print) -> dict:
-    """Time and memory of AttnLRP, CP-LRP and integrated gradients relative to input x gradient,
-    same model, same inputs, this process.  Returns a JSON-ready dict."""
+def paired(fns: dict, runs: int) -> dict:
+    """Paired runs: one warm-up round, then ``runs`` rounds each calling every function once
+    (the order rotating between rounds), so load that drifts over the run hits all alike.
+
+    Returns, per name: median time, median peak-RSS increase (MB), and the median over rounds
+    of the time ratio against the first function of the same round.
+    """
+    names = list(fns)
+    for fn in fns.values():
+        fn()
+    times = {n: [] for n in names}
+    peaks = {n: [] for n in names}
+    for r in range(runs):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            with PeakRSS() as mem:
+                t = time.perf_counter()
+                fns[name]()
+                times[name].append(time.perf_counter() - t)
+            peaks[name].append(mem.delta)
+    base = names[0]
+    return {n: {"s": statistics.median(times[n]), "peak_mb": statistics.median(peaks[n]) / 2**20,
+                "time_ratio": statistics.median(a / b for a, b in zip(times[n], times[base]))}
+            for n in names}
+
+
+def benchmark(model, lengths, runs=5, ig_steps=50, ig_runs=1, vocab=None, log=print,
+              explicit_up_to: int = 0) -> dict:
+    """Time and memory of AttnLRP, CP-LRP (gradient engine; the explicit engine's AttnLRP too
+    up to ``explicit_up_to`` tokens) and integrated gradients relative to input x gradient, same
+    inputs, this process, paired runs.  Each method runs on its own copy of the model,
+    registered once, so its calls alternate with the baseline's without re-tracing.  Returns a
+    JSON-ready dict."""
+    import copy
+
     import lxt.composites
 
     for prm in model.parameters():
         prm.requires_grad_(False)
     vocab = vocab or model.config.vocab_size
-    comps = {"attnlrp": lxt.composites.attnlrp(model), "cp-lrp": lxt.composites.cp_lrp(model)}
-    t = time.perf_counter()
-    comps["attnlrp"].register(model)
-    register_s = time.perf_counter() - t
-    comps["attnlrp"].remove()
-    rows = []
-    for n in lengths:
-        torch.manual_seed(0)
-        ids = torch.randint(min(10, vocab - 1), vocab, (1, n))
-        emb = model.get_input_embeddings()(ids).detach()
-        target = int(torch.randint(vocab, (1,)))
-        row = {"tokens": n}
-        row["grad_s"], row["grad_peak_mb"] = (v for v in measure(lambda: one_call(model, emb, target), runs))
-        row["grad_peak_mb"] /= 2**20
-        row["grad_saved_mb"] = saved_bytes(model, emb, target) / 2**20
-        for name, comp in comps.items():
-            with comp.context(model):
-                t0 = time.perf_counter()
-                one_call(model, emb, target)
-                row[f"{name}_first_call_s"] = time.perf_counter() - t0
-                sec, mem = measure(lambda: one_call(model, emb, target), runs)
-                row[f"{name}_s"], row[f"{name}_peak_mb"] = sec, mem / 2**20
-                row[f"{name}_saved_mb"] = saved_bytes(model, emb, target) / 2**20
-                row[f"{name}_graphs"] = len(comp._capture.graphs)
-            row[f"{name}_time_ratio"] = sec / row["grad_s"]
-            row[f"{name}_peak_ratio"] = row[f"{name}_peak_mb"] / max(row["grad_peak_mb"], 1e-9)
-            row[f"{name}_saved_ratio"] = row[f"{name}_saved_mb"] / max(row["grad_saved_mb"], 1e-9)
-        if ig_steps:
-            sec, _ = measure(lambda: ig_call(model, emb, target, ig_steps), ig_runs)
-            row["ig_s"], row["ig_time_ratio"] = sec, sec / row["grad_s"]
-        rows.append(row)
-        log(f"{n:5d} tokens | x*grad {row['grad_s']*1e3:7.0f} ms | AttnLRP {row['attnlrp_time_ratio']:.2f}x "
-            f"time, {row['attnlrp_peak_ratio']:.2f}x peak, {row['attnlrp_saved_ratio']:.2f}x saved | CP-LRP "
-            f"{row['cp-lrp_time_ratio']:.2f}x, {row['cp-lrp_peak_ratio']:.2f}x, {row['cp-lrp_saved_ratio']:.2f}x"
-            + (f" | IG-{ig_steps} {row['ig_time_ratio']:.1f}x" if ig_steps else ""))
+    factories = {"attnlrp": lxt.composites.attnlrp, "cp-lrp": lxt.composites.cp_lrp}
+    if explicit_up_to:
+        factories["attnlrp-explicit"] = lambda m: lxt.composites.attnlrp(m, engine="explicit")
+    copies, comps = {}, {}
+    register_s = None
+    try:
+        for name, factory in factories.items():
+            copies[name] = copy.deepcopy(model)
+            comps[name] = factory(copies[name])
+            t = time.perf_counter()
+            comps[name].register(copies[name])
+            register_s = register_s or time.perf_counter() - t
+        rows = []
+        for n in lengths:
+            torch.manual_seed(0)
+            ids = torch.randint(min(10, vocab - 1), vocab, (1, n))
+            emb = model.get_input_embeddings()(ids).detach()
+            target = int(torch.randint(vocab, (1,)))
+            row = {"tokens": n}
+            names = [k for k in comps if not (k.endswith("-explicit") and n > explicit_up_to)]
+            for name in names:
+                if not rows:  # the first call traces the model
+                    t0 = time.perf_counter()
+                    one_call(copies[name], emb, target)
+                    row[f"{name}_first_call_s"] = time.perf_counter() - t0
+            fns = {"grad": lambda: one_call(model, emb, target)}
+            fns.update({k: (lambda m=copies[k]: one_call(m, emb, target)) for k in names})
+            res = paired(fns, runs)
+            row["grad_s"], row["grad_peak_mb"] = res["grad"]["s"], res["grad"]["peak_mb"]
+            row["grad_saved_mb"] = saved_bytes(model, emb, target) / 2**20
+            for name in names:
+                row[f"{name}_s"], row[f"{name}_peak_mb"] = res[name]["s"], res[name]["peak_mb"]
+                row[f"{name}_saved_mb"] = saved_bytes(copies[name], emb, target) / 2**20
+                row[f"{name}_graphs"] = len(comps[name]._capture.graphs)
+                row[f"{name}_time_ratio"] = res[name]["time_ratio"]
+                row[f"{name}_peak_ratio"] = row[f"{name}_peak_mb"] / max(row["grad_peak_mb"], 1e-9)
+                row[f"{name}_saved_ratio"] = row[f"{name}_saved_mb"] / max(row["grad_saved_mb"], 1e-9)
+            if ig_steps:
+                sec, _ = measure(lambda: ig_call(model, emb, target, ig_steps), ig_runs)
+                row["ig_s"], row["ig_time_ratio"] = sec, sec / row["grad_s"]
+            rows.append(row)
+            log(f"{n:5d} tokens | x*grad {row['grad_s']*1e3:7.0f} ms | "
+                + " | ".join(f"{k} {row[f'{k}_time_ratio']:.2f}x time, {row[f'{k}_peak_ratio']:.2f}x peak, "
+                             f"{row[f'{k}_saved_ratio']:.2f}x saved" for k in names)
+                + (f" | IG-{ig_steps} {row['ig_time_ratio']:.1f}x" if ig_steps else ""))
+    finally:
+        for comp in comps.values():
+            comp.remove()
     return {"machine": platform.machine(), "cpus": psutil.cpu_count(), "torch": torch.__version__,
             "transformers": __import__("transformers").__version__, "threads": torch.get_num_threads(),
-            "date": time.strftime("%Y-%m-%d"), "register_s": register_s, "runs": runs, "rows": rows}
+            "date": time.strftime("%Y-%m-%d"), "register_s": register_s, "runs": runs,
+            "pairing": "paired rounds, ratio = median over rounds of method / baseline time", "rows": rows}
 
 
 def main(argv=None, reexec: bool = False):
@@ -155,9 +201,11 @@ def main(argv=None, reexec: bool = False):
         os.execv(sys.executable, [sys.executable, *sys.argv])
     p = argparse.ArgumentParser(prog="lxt bench speed", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lengths", type=int, nargs="+", default=[32, 128, 512, 1024])
+    p.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 1024, 4096])
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--ig-steps", type=int, default=50, help="0 to skip integrated gradients")
+    p.add_argument("--explicit-up-to", type=int, default=1024,
+                   help="also time the explicit engine's AttnLRP up to this many tokens (0: never)")
     p.add_argument("--json")
     args = p.parse_args(argv)
     from lxt.models import load_smollm2
@@ -165,7 +213,7 @@ def main(argv=None, reexec: bool = False):
     model, _ = load_smollm2()
     print(f"SmolLM2-135M float32, {torch.get_num_threads()} threads; medians of {args.runs} runs; "
           "ratios against input x gradient in this run")
-    info = benchmark(model, args.lengths, args.runs, args.ig_steps)
+    info = benchmark(model, args.lengths, args.runs, args.ig_steps, explicit_up_to=args.explicit_up_to)
     print(f"register(): {info['register_s']*1e3:.0f} ms")
     if args.json:
         with open(args.json, "w") as f:
