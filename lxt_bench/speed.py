@@ -160,7 +160,7 @@ def main(argv=None, reexec: bool = False):
     p.add_argument("--ig-steps", type=int, default=50, help="0 to skip integrated gradients")
     p.add_argument("--json")
     args = p.parse_args(argv)
-    from lxt.models import load_smollm2
+    from lxt_data import load_smollm2
 
     model, _ = load_smollm2()
     print(f"SmolLM2-135M float32, {torch.get_num_threads()} threads; medians of {args.runs} runs; "
