@@ -117,11 +117,16 @@ def test_linear_epsilon():
          rel(lambda x: lf.linear_epsilon(x, W, b, epsilon=1e-3), x))
 
 
-@pytest.mark.parametrize("dim,keep_dim", [(-1, True), (-1, False), (1, False), ((0, 2), True)])
-def test_mean(dim, keep_dim):
+@pytest.mark.parametrize("dim,keep_dim,n", [(-1, True, 4), (-1, False, 4), (1, False, 3),
+                                            ((0, 2), True, 8)])
+def test_mean(dim, keep_dim, n):
+    """The published epsilon stabilises the sum, lxt.functional's the mean: epsilon / N."""
     x = t(2, 3, 4)
     same(rel(lambda x: ef.mean(x, dim, keep_dim, 1e-3), x),
-         rel(lambda x: lf.mean(x, dim, keep_dim, epsilon=1e-3), x))
+         rel(lambda x: lf.mean(x, dim, keep_dim, epsilon=1e-3 / n), x))
+    # R_x = x * R / stab(sum(x), epsilon), against the formula
+    y, (r,) = rel(lambda x: ef.mean(x, dim, True, 1e-3), x, R=torch.ones(x.mean(dim, True).shape, dtype=D))
+    torch.testing.assert_close(r, x / lr.stabilize(x.sum(dim, keepdim=True), 1e-3), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("affine", [True, False])

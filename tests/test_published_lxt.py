@@ -6,6 +6,12 @@ its ``tests/test_*.py`` are copied byte for byte into a temporary folder and run
 pytest in a subprocess in which ``import lxt`` is this repository's package (a conftest
 written here checks that).  Nothing in them is rewritten.
 
+The published tests draw unseeded random inputs, and several fail for a few draws on the
+published package itself (epsilon-rule, layer-norm, matmul and mean tests: 3, 2, 4 and 1 of
+100 seeds, measured with torch.manual_seed(0..99) before each test; against ours the same
+seeds fail, plus 2 of 100 for test_linear, where the sign-aware stabiliser differs).  So the
+conftest written here seeds torch with 0 before every test: the run is deterministic.
+
 Known outcomes, each with its reason:
 
 - ``test_functional.py::test_softmax`` calls ``softmax(x, -1, torch.float32, False)`` with
@@ -43,6 +49,7 @@ CONFTEST = f'''
 import pathlib
 
 import pytest
+import torch
 
 import lxt
 
@@ -51,6 +58,11 @@ assert pathlib.Path(lxt.__file__).resolve().parent == OURS, (
     f"import lxt resolved to {{lxt.__file__}}, not to {{OURS}}")
 
 KNOWN_FAILURES = {KNOWN_FAILURES!r}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
 
 
 def pytest_collection_modifyitems(items):

@@ -131,12 +131,15 @@ def mul2(input_a, input_b, inplace: bool = False) -> Tensor:
 
 
 def mean(x: Tensor, dim, keep_dim: bool, epsilon: float = 1e-6) -> Tensor:
-    """``x.mean(dim, keep_dim)`` with the epsilon rule.
+    """``x.mean(dim, keep_dim)`` with the epsilon rule: ``R_x = x * R / stab(sum(x))``.
 
     Published signature of :func:`lxt.functional.mean` (``mean(input, dim, keepdim, *,
-    epsilon)``).
+    epsilon)``).  The published ``epsilon`` stabilises the sum; :func:`lxt.functional.mean`
+    stabilises the mean, so it is given ``epsilon / N`` (``N`` elements per mean).
     """
-    return _lf.mean(x, dim, keep_dim, epsilon=epsilon)
+    dims = [dim] if isinstance(dim, int) else list(dim)
+    n = math.prod(x.shape[d] for d in dims)
+    return _lf.mean(x, dim, keep_dim, epsilon=epsilon / max(n, 1))
 
 
 def layer_norm(hidden_states: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
