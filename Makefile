@@ -29,7 +29,8 @@ $(COMPAT)/.lxt-installed: pyproject.toml requirements-compat.txt
 
 test-compat: $(COMPAT)/.lxt-installed
 	$(COMPAT)/bin/python -m pytest -q -m "not slow" tests/test_composite.py tests/test_explain.py \
-		tests/test_functional.py tests/test_rules.py tests/test_modules.py
+		tests/test_functional.py tests/test_rules.py tests/test_modules.py tests/test_explicit.py \
+		tests/test_published_lxt.py
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

@@ -1,7 +1,7 @@
-"""Cost benchmark (see lxt/bench/speed.py); same as ``lxt bench speed``."""
+"""Cost benchmark (see lxt_bench/speed.py); same as ``lxt bench speed``."""
 import sys
 
-from lxt.bench.speed import main
+from lxt_bench.speed import main
 
 if __name__ == "__main__":
     sys.exit(main())

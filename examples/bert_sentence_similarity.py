@@ -31,7 +31,7 @@ import lxt
 import lxt.composites.bert
 import lxt.functional as lf
 import lxt.viz
-from lxt.models import load_minilm
+from lxt_data import load_minilm
 
 OUT = os.path.join("out", "examples")
 os.makedirs(OUT, exist_ok=True)

@@ -23,7 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import lxt  # noqa: E402
-from lxt.models import load_smollm2  # noqa: E402
+from lxt_data import load_smollm2  # noqa: E402
 
 OUT = os.path.join("out", "examples")
 os.makedirs(OUT, exist_ok=True)

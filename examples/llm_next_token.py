@@ -19,7 +19,7 @@ import torch
 
 import lxt
 import lxt.viz
-from lxt.models import load_smollm2
+from lxt_data import load_smollm2
 
 OUT = os.path.join("out", "examples")
 os.makedirs(OUT, exist_ok=True)

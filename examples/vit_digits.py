@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 import lxt  # noqa: E402
 import lxt.composites  # noqa: E402
-from lxt.models import train_digits_vit  # noqa: E402
+from lxt_data import train_digits_vit  # noqa: E402
 
 OUT = os.path.join("out", "examples")
 os.makedirs(OUT, exist_ok=True)

@@ -62,7 +62,7 @@ def _load(model_arg: str | None, dtype_name: str):
 
     hf_logging.disable_progress_bar()  # our process: keep the terminal for the heatmap
     if model_arg is None:
-        from .models import load_smollm2
+        from lxt_data import load_smollm2
 
         return load_smollm2(dtype=dtype)
     path = Path(model_arg)
@@ -159,10 +159,10 @@ def main(argv=None) -> int:
             return _explain(args)
         if args.command == "bench":
             if args.which == "speed":
-                from .bench.speed import main as bench_main
+                from lxt_bench.speed import main as bench_main
 
                 return bench_main(args.rest, reexec=True)
-            from .bench.faithfulness import main as bench_main
+            from lxt_bench.faithfulness import main as bench_main
 
             return bench_main(args.rest)
     except UserError as err:

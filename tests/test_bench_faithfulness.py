@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lxt
-from lxt.bench import faithfulness as fb
+from lxt_bench import faithfulness as fb
 from models import tiny_llama, tiny_tokenizer, tiny_vit
 
 

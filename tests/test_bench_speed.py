@@ -1,7 +1,7 @@
 """The cost benchmark runs on a tiny model (so it does not rot); it times nothing itself."""
 import torch
 
-from lxt.bench.speed import benchmark, saved_bytes
+from lxt_bench.speed import benchmark, saved_bytes
 from models import tiny_llama
 
 

@@ -81,13 +81,3 @@ def test_activation_identity_modules(cls, orig):
 def test_from_module_wrong_type_is_clear():
     with pytest.raises(TypeError, match="needs a Linear"):
         lm.LinearEpsilon.from_module(nn.Tanh())
-
-
-def test_published_import_paths():
-    import lxt.explicit.functional as ef
-    import lxt.explicit.modules as em
-    import lxt.explicit.rules as er
-
-    assert ef.linear_epsilon is lf.linear_epsilon and ef.softmax is lf.softmax
-    assert em.LinearEpsilon is lm.LinearEpsilon
-    assert er.EpsilonRule is __import__("lxt").rules.EpsilonRule

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from lxt.models import load_smollm2
+    from lxt_data import load_smollm2
 
     return load_smollm2()
 
@@ -37,7 +37,7 @@ def test_smollm2_subject_tokens_are_relevant(smollm2, method):
 
 def test_minilm_similarity_relevance():
     """Cosine similarity of two sentence embeddings (mean pooling), explained with AttnLRP."""
-    from lxt.models import load_minilm
+    from lxt_data import load_minilm
 
     model, tok = load_minilm()
     a = tok(["A man is playing a guitar."], return_tensors="pt")
@@ -65,7 +65,7 @@ def test_minilm_similarity_relevance():
 
 
 def test_digits_vit_explains_its_class(tmp_path, monkeypatch):
-    from lxt.models import train_digits_vit
+    from lxt_data import train_digits_vit
 
     model, data = train_digits_vit()
     assert data.test_accuracy >= 0.9

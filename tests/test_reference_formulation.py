@@ -429,7 +429,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def smollm2():
-    load_smollm2 = pytest.importorskip("lxt.models").load_smollm2
+    load_smollm2 = pytest.importorskip("lxt_data").load_smollm2
     model, tokenizer = load_smollm2(dtype=torch.float32)
     return model, tokenizer
 
@@ -491,7 +491,7 @@ def test_smollm2_matches_reference(smollm2, smollm2_relevance, rule):
 def test_smollm2_bfloat16_agrees_with_float32(smollm2_relevance):
     """SmolLM2 in bfloat16 with lxt AttnLRP: finite relevance, Pearson >= 0.95 per prompt with
     float32 (same target token)."""
-    from lxt.models import load_smollm2
+    from lxt_data import load_smollm2
 
     rels32, tops = smollm2_relevance("attnlrp-gradient")
     model16, tokenizer = load_smollm2(dtype=torch.bfloat16)

@@ -48,9 +48,9 @@ def test_epsilon_rule_on_conv_formula():
     torch.testing.assert_close(r, x * grad, rtol=1e-12, atol=1e-12)
 
 
-def test_epsilon_rule_template_class_and_published_form():
+def test_epsilon_rule_template_wraps_a_module():
     lin = linear()
-    wrapped = rules.EpsilonRule(lin, epsilon=1e-2)  # published lxt: module first
+    wrapped = rules.EpsilonRule(epsilon=1e-2)(lin)  # module first: lxt.explicit.rules
     assert isinstance(wrapped, rules.RuleModule) and wrapped.module is lin
     assert wrapped.rule == rules.EpsilonRule(epsilon=1e-2)
     assert wrapped.weight is lin.weight  # attribute reads reach the wrapped module

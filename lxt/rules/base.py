@@ -348,9 +348,8 @@ class Rule:
     any number of modules.  Applying it to an ``nn.Module`` gives a wrapping module
     (:class:`RuleModule`), applying it to a callable gives a wrapped callable; both compute the
     same forward and carry relevance in backward.  Subclasses implement :meth:`relevance`.
-
-    For code written against the published lxt, ``EpsilonRule(module, epsilon=...)`` (module
-    first) also works and returns the wrapped module directly.
+    (The published module-first form ``EpsilonRule(module, epsilon)`` is
+    :mod:`lxt.explicit.rules`.)
     """
 
     #: run the wrapped call under grad mode and keep its sub-graph (rules that need
@@ -358,12 +357,6 @@ class Rule:
     keeps_graph = False
     #: keep the inputs and output values for backward (without a graph)
     saves_tensors = False
-
-    def __new__(cls, *args, **kwargs):
-        if args and (isinstance(args[0], torch.nn.Module) or callable(args[0])) and not isinstance(args[0], (int, float)):
-            target, rest = args[0], args[1:]
-            return cls(*rest, **kwargs)(target)
-        return super().__new__(cls)
 
     # -- parameters, for repr / equality -------------------------------------------------
     def _params(self) -> dict:

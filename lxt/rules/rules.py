@@ -334,12 +334,6 @@ class TaylorDecompositionRule(Rule):
         self.bias = bool(bias)
         self.epsilon = _check_epsilon(epsilon)
 
-    def __new__(cls, *args, **kwargs):
-        # a callable first argument is a reference point here, not a module to wrap
-        if args and isinstance(args[0], torch.nn.Module):
-            return super().__new__(cls, *args, **kwargs)
-        return object.__new__(cls)
-
     def _params(self):
         ref = self.reference
         ref = ("tensor", id(ref)) if isinstance(ref, Tensor) else ref

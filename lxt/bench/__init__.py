@@ -1,1 +1,0 @@
-"""Benchmarks: faithfulness (perturbation) and cost (time, memory) — ``lxt bench ...``."""
