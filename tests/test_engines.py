@@ -161,6 +161,33 @@ def test_explicit_outside_a_composite_even_after_errors():
     assert type(y.grad_fn).__name__ == "_RuleFunctionBackward"  # a drop-in stays explicit
 
 
+def test_causal_boolean_mask_runs_as_is_causal():
+    """A boolean mask that is exactly causal (what transformers builds under TorchDynamo) runs
+    through torch's fused causal kernel: the same values and relevance, no n x n mask kept."""
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()[None, None].expand(2, 1, 5, 5)
+    for fn in (lf.sdpa, lf.sdpa_cp):
+        results = []
+        for kw in ({"attn_mask": causal}, {"is_causal": True}):
+            q, k, v = (t.clone().requires_grad_() for t in (Q, K, V))
+            shapes = []
+
+            def pack(t, shapes=shapes):
+                shapes.append(tuple(t.shape))
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                y = fn(q, k, v, epsilon=EPS, **kw)
+            y.backward(y.detach())
+            results.append((y, v.grad))
+            assert not [s for s in shapes if s[-2:] == (5, 5)], shapes
+        torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+    padded = causal.clone()
+    padded[1, :, 3, 1] = False  # not causal any more: used as given
+    y = lf.sdpa(Q, K, V, attn_mask=padded)
+    torch.testing.assert_close(y, F.scaled_dot_product_attention(Q, K, V, attn_mask=padded))
+    assert not torch.allclose(y, F.scaled_dot_product_attention(Q, K, V, is_causal=True))
+
+
 # ---------------------------------------------------------------------- tables, both engines
 def pearson(a, b):
     a, b = a.double().flatten(), b.double().flatten()
@@ -338,3 +365,35 @@ def test_capture_failure_falls_back_to_the_form_that_stays_correct():
     torch.testing.assert_close(grad, r_x, rtol=1e-8, atol=1e-12)
     explicit, _ = rel("explicit")
     assert not torch.allclose(explicit, r_x, rtol=1e-3)
+
+
+# ---------------------------------------------------------------------- real weights
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["attnlrp", "cp_lrp"])
+def test_smollm2_engines_agree_on_the_benchmark_prompts(method):
+    """SmolLM2-135M float32, the faithfulness benchmark's 60 prompts, the top next token:
+    per-token Pearson >= 0.9999 and relevance sums within 1e-4 (relative to the logit)."""
+    from lxt_bench.faithfulness import load_prompts
+    from lxt_data import load_smollm2
+
+    model, tok = load_smollm2(dtype=torch.float32)
+    prompts = load_prompts()
+    factory = getattr(composites, method)
+    runs = {}
+    for engine in ("gradient", "explicit"):
+        out = []
+        with factory(model, engine=engine).context(model):
+            for prompt in prompts:
+                ids = tok(prompt, return_tensors="pt").input_ids
+                x = model.get_input_embeddings()(ids).detach().requires_grad_()
+                logits = model(inputs_embeds=x, use_cache=False, logits_to_keep=1).logits[0, -1]
+                logit = logits[logits.argmax()]
+                logit.backward(logit.detach())
+                out.append((x.grad[0].sum(-1), logit.item()))
+        runs[engine] = out
+    worst_r, worst_sum = 1.0, 0.0
+    for (g, logit), (e, _) in zip(runs["gradient"], runs["explicit"]):
+        worst_r = min(worst_r, pearson(g, e))
+        worst_sum = max(worst_sum, abs(g.sum().item() - e.sum().item()) / abs(logit))
+    print(f"smollm2 {method}: worst Pearson {worst_r:.7f}, worst |sum difference| / |logit| {worst_sum:.1e}")
+    assert worst_r >= 0.9999 and worst_sum <= 1e-4, (worst_r, worst_sum)

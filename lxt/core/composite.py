@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from ..rules.base import EPSILON, Rule, bind_engine
-from .hf import use_causal_skip
 from .opaque import LxtModule
 from .tracing import Capture, OpRecord, PatchedForward, make_backend
 
@@ -301,10 +300,6 @@ class Composite:
                 self._modules.append((qualname, type(original).__name__, label))
             if self.freeze_parameters:
                 self._freeze(model)
-            if self.trace:
-                undo = use_causal_skip(model)  # no n x n causal mask in the captured forward
-                if undo is not None:
-                    self._undo.append(undo)
             self._patch_forward(model)
         except BaseException:
             self.remove()
