@@ -144,7 +144,7 @@ class _GradientToRelevance(torch.autograd.Function):
         (t,) = ctx.saved_tensors
         ct = compute_dtype(t.dtype)
         r = t.detach().to(ct) * grad.to(ct)
-        if not t.is_floating_point() or torch.isinf(t).any():
+        if torch.isinf(t).any():
             r = torch.where(torch.isinf(t), 0, r)  # -inf mask entries count as 0 (softmax rule)
         return r.to(grad.dtype)
 
