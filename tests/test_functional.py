@@ -109,6 +109,20 @@ def test_mul2_constant_is_identity():
         torch.testing.assert_close(x.grad, R, rtol=0, atol=0)
 
 
+def test_div_identity_on_numerator_divisor_constant():
+    """``a / b`` with ``b`` requiring grad: ``R_a = R``, the divisor gets none (before, the
+    epsilon rule gave ``+R`` to the numerator and ``-R`` to the divisor: a sum of zero)."""
+    a = leaf(3, 4)
+    b = leaf(3, 1, positive=True)
+    y = lf.div_const(a, b)  # the published name; the table maps a / b to lf.div
+    torch.testing.assert_close(y, a / b, rtol=0, atol=0)
+    R = torch.randn_like(y)
+    ra, rb = relevance_of(y, R, a, b)
+    torch.testing.assert_close(ra, R, rtol=0, atol=0)
+    assert rb is None
+    assert lf.div is lf.div_const
+
+
 # ---------------------------------------------------------------- matmul (Prop. 3.3)
 @pytest.mark.parametrize("sa,sb", [((3, 4), (4, 5)), ((2, 3, 4), (2, 4, 5)), ((2, 3, 4), (4, 5)),
                                    ((2, 1, 3, 4), (5, 4, 2))])
