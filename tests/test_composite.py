@@ -464,6 +464,20 @@ def test_unsafe_operations_on_the_relevance_path_warn_or_raise(strict):
         assert not [w for w in again if "no LRP rule" in str(w.message)]  # once per registration
 
 
+def test_llama_table_on_gpt2_warns_naming_what_it_misses():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=101, n_positions=64, bos_token_id=0,
+                     eos_token_id=0)
+    model = GPT2LMHeadModel(cfg).to(D).eval()
+    with composites.llama.attnlrp().context(model):
+        emb = torch.randn(1, 4, 32, dtype=D, requires_grad=True)
+        with pytest.warns(UserWarning, match=r"no LRP rule.*layer_norm in transformer\.h\.\*\.ln_1 \(2 modules\)"
+                                             r".*addmm in transformer\.h\.\*\.attn\.c_attn"):
+            model(inputs_embeds=emb).logits.sum().backward()
+
+
 def test_calls_mapped_to_none_are_not_unsafe():
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh()).to(D)
     comp = Composite({nn.Linear: rules.EpsilonRule, torch.tanh: None}, strict=True)
