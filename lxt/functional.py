@@ -39,6 +39,7 @@ __all__ = [
     "add2",
     "softmax",
     "mul2",
+    "div",
     "div_const",
     "matmul",
     "rms_norm_identity",
@@ -122,13 +123,27 @@ def mul2(input, other) -> Tensor:
     return _UNIFORM.apply_at(operator.mul, (input, other), {}, _tensors(input, other))
 
 
-def div_const(input, other) -> Tensor:
-    r"""``input / other``: by a constant (number, or tensor without ``requires_grad``) it is a
-    scale and gets the identity rule ``R_x = R``; a variable divisor gets the epsilon rule."""
-    if isinstance(other, Tensor) and other.requires_grad:
-        return _epsilon_rule(EPSILON).apply_at(operator.truediv, (input, other), {},
-                                               _tensors(input, other))
-    return _IDENTITY.apply_at(operator.truediv, (input, other), {}, _tensors(input))
+def div(input, other, *, rounding_mode: Optional[str] = None) -> Tensor:
+    r"""``input / other`` with the identity rule on the numerator: ``R_input = R``.
+
+    The divisor is a constant of the rule, also when it requires grad (``x / x.norm()``,
+    ``e / e.sum()``): it is detached, as the standard deviation in the LayerNorm rule
+    (AttnLRP Prop. 3.4), so the numerator keeps all relevance and the divisor gets none.
+    Dividing by a number, or by a tensor without ``requires_grad``, is a scale (Eq. 9).
+    A ``rounding_mode`` (integer division) has no relevance to pass and runs as torch does.
+    """
+    if rounding_mode is not None:
+        return torch.div(input, other, rounding_mode=rounding_mode)
+    if isinstance(other, Tensor):
+        other = other.detach()
+    if not (isinstance(input, Tensor) and input.is_floating_point()):
+        return operator.truediv(input, other)
+    return _IDENTITY.apply_at(operator.truediv, (input, other), {}, [0])
+
+
+div.lxt_constant_args = (1, "other")  # the divisor receives no relevance
+#: the published name (a division by a constant); the same rule as :func:`div`
+div_const = div
 
 
 def matmul(input: Tensor, other: Tensor, epsilon: float = EPSILON) -> Tensor:
@@ -363,5 +378,6 @@ def scaled_dot_product_attention_cp(query: Tensor, key: Tensor, value: Tensor,
         _sdpa_kwargs(attn_mask, dropout_p, is_causal, scale, enable_gqa, query, key), [2])
 
 
+scaled_dot_product_attention_cp.lxt_constant_args = (0, 1, "query", "key")  # q, k detached
 sdpa = scaled_dot_product_attention
 sdpa_cp = scaled_dot_product_attention_cp

@@ -48,17 +48,21 @@ WORDS = ("the capital of france germany italy is paris berlin rome a cat sat on 
          "in park big small red blue green city country river mountain").split()
 
 
-def tiny_tokenizer(vocab_size=101):
-    """A word-level tokenizer built offline (no hub), ids < vocab_size."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def tiny_tokenizer(vocab_size=101, words=WORDS, lowercase=False):
+    """A word-level tokenizer built offline (no hub), ids < vocab_size; ``[MASK]`` is the last
+    id (for masked LMs).  ``lowercase`` folds case (so ``" Paris"`` is the token ``paris``)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2}
-    for w in WORDS:
-        vocab[w] = len(vocab)
-    for i in range(len(vocab), vocab_size):
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    for i in range(len(vocab), vocab_size - 1):
         vocab[f"w{i}"] = i
+    vocab["[MASK]"] = vocab_size - 1
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if lowercase:
+        tok.normalizer = normalizers.Lowercase()
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                   eos_token="[EOS]")
+                                   eos_token="[EOS]", mask_token="[MASK]")

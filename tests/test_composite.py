@@ -33,6 +33,7 @@ def snapshot(model):
         "dicts": {n: sorted(m.__dict__) for n, m in model.named_modules()},
         "hooks": {n: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
                   for n, m in model.named_modules()},
+        "training": {n: m.training for n, m in model.named_modules()},
     }
 
 
@@ -48,6 +49,7 @@ def assert_restored(model, snap):
         assert torch.equal(now["state"][k], snap["state"][k]), k
     assert now["dicts"] == snap["dicts"], "an attribute was left on a module"
     assert now["hooks"] == snap["hooks"]
+    assert now["training"] == snap["training"], "a module's training flag changed"
     for m in model.modules():
         assert not type(m).__module__.startswith("lxt"), f"lxt module left: {type(m)}"
 
@@ -307,7 +309,8 @@ def test_summary_lists_plain_gradient_ops():
     assert "not LRP-safe" in str(s)
 
 
-def test_model_that_cannot_be_captured_keeps_module_rules(monkeypatch):
+@pytest.mark.parametrize("engine", ["gradient", "explicit"])
+def test_model_that_cannot_be_captured_keeps_module_rules(monkeypatch, engine):
     class Odd(nn.Module):
         def __init__(self):
             super().__init__()
@@ -316,20 +319,199 @@ def test_model_that_cannot_be_captured_keeps_module_rules(monkeypatch):
         def forward(self, x):
             return self.lin(x) + x
 
-    model = Odd().to(D)
-    comp = Composite({nn.Linear: rules.EpsilonRule, operator.add: lf.add2})
-    import lxt.core.tracing as tracing
+    model = Odd().to(D).eval()
+    comp = Composite({nn.Linear: rules.EpsilonRule, operator.add: lf.add2}, engine=engine)
+    calls = []
 
-    def broken(self, *a, **k):
+    def broken(*args, **kwargs):  # the compiled forward, failing as Dynamo does
+        calls.append(args)
         raise torch._dynamo.exc.Unsupported("simulated capture failure")
 
-    monkeypatch.setattr(tracing.PatchedForward, "_compiled_call", broken, raising=False)
     with comp.context(model):
-        comp._forward.compiled = lambda *a, **k: broken(None)
+        monkeypatch.setattr(comp._forward, "compiled", broken)  # an attribute that exists
         x = torch.randn(2, 4, dtype=D, requires_grad=True)
         with pytest.warns(UserWarning, match="could not capture"):
             y = model(x)
-        y.sum().backward()
+        assert len(calls) == 1
+        torch.testing.assert_close(y, model.lin.module(x) + x, rtol=0, atol=0)
+        y.backward(y)
         s = comp.summary()
     assert "capture FAILED" in str(s)
-    assert isinstance(x.grad, torch.Tensor)
+    # the module rule still applies (epsilon on the linear layer); the add keeps its plain
+    # gradient: R / y at both summands in the gradient engine, R itself in the explicit one
+    w, xd, yd = model.lin.weight.detach(), x.detach(), y.detach()
+    if engine == "gradient":
+        expected = xd * (torch.ones_like(yd) @ w) + xd
+    else:
+        expected = xd * ((yd / (xd @ w.T)) @ w) + yd
+    torch.testing.assert_close(x.grad, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+# ------------------------------------------------------------------ no silent wrong answers
+ENGINES = ["gradient", "explicit"]
+
+
+class _InPlace(nn.Module):
+    """In-place arithmetic whose result later code reads through the mutated tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False)
+
+    def forward(self, x):
+        h = self.a(x)
+        h.add_(self.b(x))
+        h += x
+        h.mul_(2)
+        return h * 3
+
+
+IN_PLACE_MAP = {nn.Linear: rules.EpsilonRule, operator.iadd: lf.add2, "add_": lf.add2,
+                "mul_": lf.mul2, operator.mul: lf.mul2}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_in_place_calls_keep_the_forward(engine):
+    model = _InPlace().to(D).eval()
+    x = torch.randn(3, 4, dtype=D)
+    ref = model(x)
+    with Composite(IN_PLACE_MAP, engine=engine).context(model):
+        xx = x.clone().requires_grad_()
+        y = model(xx)
+        torch.testing.assert_close(y, ref, rtol=1e-15, atol=0)  # the in-place results are used
+        y.backward(y)
+    # products by constants pass R on (identity); the epsilon rule on h = a(x) + b(x) + x
+    # gives each summand its share, the linear layers pass theirs to x (no biases)
+    wa, wb = model.a.weight.detach(), model.b.weight.detach()
+    share = y.detach() / (x @ wa.T + x @ wb.T + x)
+    expected = x * (share @ wa) + x * (share @ wb) + x * share
+    # stabilisers (1e-6) aside, where a sum is near zero
+    torch.testing.assert_close(xx.grad, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    assert math.isclose(xx.grad.sum().item(), y.sum().item(), rel_tol=1e-6)
+
+
+class _InPlaceOnView(_InPlace):
+    def forward(self, x):
+        h = self.a(x)
+        first = h[0]
+        h.add_(x)
+        return h + first  # reads the mutated storage through another view
+
+
+class _InPlaceOnInput(_InPlace):
+    def forward(self, x):
+        x.mul_(2)  # changes the caller's tensor
+        return self.a(x)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("cls,match", [(_InPlaceOnView, "another view"), (_InPlaceOnInput, "did not create")])
+def test_in_place_call_that_cannot_be_kept_is_refused(engine, cls, match):
+    model = cls().to(D).eval()
+    snap = snapshot(model)
+    comp = Composite(IN_PLACE_MAP, engine=engine)
+    with comp.context(model):
+        with pytest.raises(ValueError, match=f"lxt: .* in place .*{match}.*Write it out of place"):
+            model(torch.randn(3, 4, dtype=D, requires_grad=True) * 1)
+    assert_restored(model, snap)
+
+
+class _Normalised(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4, bias=False)
+
+    def forward(self, x):
+        e = self.lin(x)
+        return e / e.sum(-1, keepdim=True) + e.div(e.norm(dim=-1, keepdim=True))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_variable_divisor_is_a_constant_and_relevance_is_conserved(engine):
+    """``e / e.sum()``: identity on the numerator, the divisor a constant, so the relevance
+    of the output reaches the input (before: numerator +R, divisor -R, sum ~ 0)."""
+    model = _Normalised().to(D).eval()
+    with torch.no_grad():
+        model.lin.weight.abs_().add_(0.1)  # outputs away from 0: the stabilisers do not matter
+    x = torch.rand(3, 4, dtype=D) + 0.1
+    comp = Composite(composites.llama.layer_map(), engine=engine)  # the shipped entries
+    with comp.context(model):
+        xx = x.clone().requires_grad_()
+        y = model(xx)
+        y.backward(y)
+        unsafe = comp.summary().unsafe
+    e = x @ model.lin.weight.detach().T
+    s, n = e.sum(-1, keepdim=True), e.norm(dim=-1, keepdim=True)
+    r_e = e / s + e / n  # R_e = R_y: identity on both numerators
+    expected = x * ((r_e / e) @ model.lin.weight.detach())
+    torch.testing.assert_close(xx.grad, expected, rtol=1e-5, atol=0)
+    assert math.isclose(xx.grad.sum().item(), y.sum().item(), rel_tol=1e-5)
+    assert not unsafe  # the sum and the norm only feed divisors: no relevance through them
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_unsafe_operations_on_the_relevance_path_warn_or_raise(strict):
+    model = tiny_llama("sdpa", D)
+    comp = Composite({nn.Linear: rules.EpsilonRule}, strict=strict)  # incomplete on purpose
+    emb = torch.randn(1, 4, 32, dtype=D, requires_grad=True)
+    with comp.context(model):
+        if strict:
+            with pytest.raises(ValueError, match=r"lxt: strict .* no LRP rule: .*mul in .*model\.layers\.\*\.mlp"):
+                model(inputs_embeds=emb)
+            return
+        with pytest.warns(UserWarning, match=r"no LRP rule.*mul in .*model\.layers\.\*\.mlp \(2 modules\)") as rec:
+            model(inputs_embeds=emb).logits.sum().backward()
+        text = " ".join(str(w.message) for w in rec)
+        for op, where in [("neg", "self_attn"), ("scaled_dot_product_attention", "self_attn"), ("silu", "mlp.act_fn")]:
+            assert f"{op} in model.layers.*.{where}" in text
+        with warnings.catch_warnings(record=True) as again:
+            warnings.simplefilter("always")
+            model(inputs_embeds=emb).logits.sum().backward()
+        assert not [w for w in again if "no LRP rule" in str(w.message)]  # once per registration
+
+
+def test_llama_table_on_gpt2_warns_naming_what_it_misses():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=101, n_positions=64, bos_token_id=0,
+                     eos_token_id=0)
+    model = GPT2LMHeadModel(cfg).to(D).eval()
+    with composites.llama.attnlrp().context(model):
+        emb = torch.randn(1, 4, 32, dtype=D, requires_grad=True)
+        with pytest.warns(UserWarning, match=r"no LRP rule.*layer_norm in transformer\.h\.\*\.ln_1 \(2 modules\)"
+                                             r".*addmm in transformer\.h\.\*\.attn\.c_attn"):
+            model(inputs_embeds=emb).logits.sum().backward()
+
+
+def test_calls_mapped_to_none_are_not_unsafe():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh()).to(D)
+    comp = Composite({nn.Linear: rules.EpsilonRule, torch.tanh: None}, strict=True)
+    with comp.context(model):
+        model(torch.randn(2, 4, dtype=D, requires_grad=True)).sum().backward()
+        assert comp.summary().unsafe == [] and "None in the layer map" in str(comp.summary())
+
+
+def test_a_composite_serves_one_model_at_a_time():
+    a, b = tiny_llama("sdpa", D), tiny_llama("sdpa", D, seed=1)
+    snap_b = snapshot(b)
+    comp = composites.attnlrp(a)
+    with comp.context(a):
+        with pytest.raises(RuntimeError, match="one model at a time"):
+            comp.register(b)
+        assert comp.model is a and "forward" in a.__dict__  # a stays registered
+        assert_restored(b, snap_b)
+
+
+@pytest.mark.parametrize("switch", ["eval", "train"])
+def test_remove_restores_each_modules_training_flag(switch):
+    model = tiny_llama("sdpa", D)
+    model.train()
+    model.model.layers[0].eval()
+    before = {n: m.training for n, m in model.named_modules()}
+    with pytest.warns(UserWarning, match="training mode"):
+        comp = composites.attnlrp(model)
+        comp.register(model)
+    getattr(model, switch)()  # the user switches modes while registered
+    comp.remove()
+    assert {n: m.training for n, m in model.named_modules()} == before

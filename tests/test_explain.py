@@ -258,3 +258,238 @@ def test_demo_model_end_to_end(tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "' Paris'" in out and "France" in out
+
+
+# ------------------------------------------------------------------ no silent wrong answers
+BASELINES = ["gradient", "input_x_gradient", "integrated_gradients"]
+
+
+@pytest.mark.parametrize("engine", ["gradient", "explicit"])
+def test_baselines_inside_a_registration_are_computed_on_the_plain_model(llm, engine):
+    model, tok = llm
+    plain = {m: lxt.explain(model, tok, PROMPTS[0], method=m, steps=2).relevance for m in BASELINES}
+    comp = lxt.Composite(lxt.composites.llama.layer_map(), engine=engine, method="attnlrp")
+    snap = snapshot(model)
+    with comp.context(model):
+        lrp = lxt.explain(model, tok, PROMPTS[0]).relevance  # uses (and captures) the registration
+        graphs = len(comp._capture.graphs)
+        for m in BASELINES:
+            exp = lxt.explain(model, tok, PROMPTS[0], method=m, steps=2)
+            assert exp.method == m
+            torch.testing.assert_close(exp.relevance, plain[m], rtol=0, atol=0)
+        assert comp.model is model and len(comp._capture.graphs) == graphs  # kept as it was
+        torch.testing.assert_close(lxt.explain(model, tok, PROMPTS[0]).relevance, lrp, rtol=0, atol=0)
+        assert len(comp._capture.graphs) == graphs
+    assert_restored(model, snap)
+    assert not torch.allclose(lrp, plain["input_x_gradient"])
+
+
+def test_composite_of_another_method_is_refused(llm):
+    model, tok = llm
+    att = lxt.composites.attnlrp(model)
+    assert (att.method, lxt.composites.cp_lrp(model).method) == ("attnlrp", "cp-lrp")
+    with pytest.raises(ValueError, match="method='cp-lrp', but the composite AttnLRP.* implements 'attnlrp'"):
+        lxt.explain(model, tok, PROMPTS[0], method="cp-lrp", composite=att)
+    with att.context(model):
+        with pytest.raises(ValueError, match="implements 'attnlrp'"):
+            lxt.explain(model, tok, PROMPTS[0], method="cp-lrp")
+        with pytest.raises(ValueError, match="baseline.*Drop composite="):
+            lxt.explain(model, tok, PROMPTS[0], method="gradient", composite=att)
+        assert att.model is model
+
+
+def test_composite_registered_on_another_model_is_refused(llm):
+    model, tok = llm
+    other = tiny_llama("sdpa", torch.float32, seed=1)
+    comp = lxt.composites.attnlrp(other)
+    snap = snapshot(model)
+    with comp.context(other):
+        with pytest.raises(ValueError, match="registered on another model.*one model at a time"):
+            lxt.explain(model, tok, PROMPTS[0], composite=comp)
+        assert comp.model is other and "forward" in other.__dict__  # other stays registered
+    assert_restored(model, snap)
+
+
+def test_masked_lm_explains_the_mask_position():
+    from transformers import BertForMaskedLM
+
+    model = tiny_bert("sdpa", torch.float64, cls=BertForMaskedLM)
+    tok = tiny_tokenizer()
+    prompt = "the capital of [MASK] is"
+    with torch.no_grad():
+        logits = model(**tok(prompt, return_tensors="pt")).logits[0]
+    exp = lxt.explain(model, tok, prompt)
+    assert exp.tokens[3] == "[MASK]" and exp.position == 3
+    assert exp.target_id == int(logits[3].argmax()) and exp.target == tok.decode([exp.target_id])
+    assert math.isclose(exp.logit, float(logits[3].max()), rel_tol=1e-12)
+    torch.testing.assert_close(lxt.explain(model, tok, prompt, position=3).relevance, exp.relevance)
+    last = lxt.explain(model, tok, prompt, position=-1)
+    assert last.position == 4 and math.isclose(last.logit, float(logits[4].max()), rel_tol=1e-12)
+    for bad, match in (("the capital of france is", "no \\[MASK\\] token"), ("[MASK] of [MASK]", "2 \\[MASK\\] tokens")):
+        with pytest.raises(ValueError, match=match + ".*position="):
+            lxt.explain(model, tok, bad)
+
+
+def test_explain_restores_each_modules_training_flag(llm):
+    model, tok = llm
+    model = tiny_llama("sdpa", torch.float32)
+    model.train()
+    model.model.layers[0].eval()
+    before = {n: m.training for n, m in model.named_modules()}
+    exp = lxt.explain(model, tok, PROMPTS[0], method="gradient")
+    assert {n: m.training for n, m in model.named_modules()} == before
+    torch.testing.assert_close(exp.relevance, lxt.explain(model.eval(), tok, PROMPTS[0], method="gradient").relevance)
+
+
+def test_layers_as_one_pattern_string(llm):
+    model, tok = llm
+    exp = lxt.explain(model, tok, PROMPTS[0], layers="model.layers.*.mlp")
+    assert sorted(exp.latent) == ["model.layers.0.mlp", "model.layers.1.mlp"]
+
+
+@pytest.fixture
+def model_never_runs(llm):
+    """The tiny LLM with a hook that fails if the model computes anything."""
+    model, tok = llm
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model ran before the arguments were checked")
+
+    handle = model.register_forward_pre_hook(refuse)
+    yield model, tok
+    handle.remove()
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(method="integrated_gradients", steps=0), ValueError, "steps must be an integer >= 1, got 0"),
+    (dict(method="integrated_gradients", steps=2.5), TypeError, "steps must be an integer"),
+    (dict(generate=-2), ValueError, "generate must be an integer >= 0"),
+    (dict(inputs=PROMPTS, batch_size=-1), ValueError, "batch_size must be an integer >= 1"),
+    (dict(inputs=PROMPTS, batch_size=0), ValueError, "batch_size must be an integer >= 1"),
+    (dict(inputs=PROMPTS, batch_size="2"), TypeError, "batch_size must be an integer"),
+    (dict(inputs={"the cat": 1}), TypeError, "inputs must be a prompt"),
+    (dict(inputs=123), TypeError, "inputs must be a prompt"),
+    (dict(inputs=torch.tensor([[5, 6, 7]])), TypeError, "torch.int64 tensor: for text give the prompt as a string"),
+    (dict(inputs=torch.randn(3, 16, 16)), TypeError, "takes no pixel_values"),
+    (dict(method=None), TypeError, "method must be a string"),
+    (dict(tokenizer="tok"), TypeError, "tokenizer must be the model's tokenizer"),
+    (dict(composite="attnlrp"), TypeError, "composite must be an lxt.Composite.*method="),
+    (dict(inputs=PROMPTS, generate=2), ValueError, "generate= continues one prompt; got a list of 3"),
+    (dict(generate=2, target=" paris"), ValueError, "takes no target="),
+    (dict(generate=2, contrast=" paris"), ValueError, "takes no target=, contrast="),
+    (dict(inputs="the dog " * 30, generate=10), ValueError, "needs 69, more than the model's context of 64.*generate=5"),
+    (dict(inputs=["the cat", "the dog " * 40]), ValueError, "prompt 2 'the dog the dog .*' is 80 tokens, longer"),
+    (dict(position="3"), TypeError, "position must be a token index"),
+    (dict(position=9), ValueError, "position=9 is outside the prompt"),
+    (dict(target=" zebra"), ValueError, "not in the tokenizer's vocabulary"),
+])
+def test_bad_arguments_are_refused_before_the_model_runs(model_never_runs, kwargs, error, match):
+    model, tok = model_never_runs
+    kwargs = {"tokenizer": tok, "inputs": PROMPTS[0], **kwargs}
+    with pytest.raises(error, match=match) as info:
+        lxt.explain(model, **kwargs)
+    assert str(info.value).startswith("lxt: ") and "\n" not in str(info.value)
+
+
+def test_image_batch_is_refused():
+    vit = tiny_vit("sdpa", torch.float32)
+    with pytest.raises(ValueError, match="one image"):
+        lxt.explain(vit, None, torch.randn(2, 3, 16, 16))
+
+
+def test_explain_through_a_torch_compile_wrapper_made_before_register(llm):
+    model, tok = llm
+    compiled = torch.compile(model)  # made before register
+    comp = lxt.composites.attnlrp(model)
+    ids = tok(PROMPTS[0], return_tensors="pt").input_ids
+    emb = model.get_input_embeddings()(ids).detach()
+    rels = []
+    with comp.context(model):
+        for call in (model, compiled):
+            x = emb.clone().requires_grad_()
+            logit = call(inputs_embeds=x).logits[0, -1].max()
+            logit.backward(logit)
+            rels.append(x.grad.sum(-1))
+        assert comp.summary().n_graphs >= 1
+    torch.testing.assert_close(rels[1], rels[0], rtol=1e-6, atol=1e-8)
+
+
+@pytest.fixture(scope="module")
+def classifier_dirs(tmp_path_factory):
+    from transformers import BertForMaskedLM
+
+    out = {}
+    for name, model in (("cls", tiny_bert("sdpa", torch.float32)),
+                        ("mlm", tiny_bert("sdpa", torch.float32, cls=BertForMaskedLM))):
+        d = tmp_path_factory.mktemp(name)
+        model.save_pretrained(d)
+        tiny_tokenizer().save_pretrained(d)
+        out[name] = (d, model)
+    return out
+
+
+def test_cli_loads_the_architecture_the_folder_names(classifier_dirs, tmp_path):
+    tok = tiny_tokenizer()
+    d, model = classifier_dirs["cls"]  # a sequence classifier, not a language model
+    assert main(["explain", PROMPTS[0], "--model", str(d), "--jsonl", str(tmp_path / "c.jsonl"), "--quiet"]) == 0
+    rec = json.loads((tmp_path / "c.jsonl").read_text())
+    with torch.no_grad():
+        logits = model(**tok(PROMPTS[0], return_tensors="pt")).logits[0]
+    assert rec["target"] == int(logits.argmax()) and math.isclose(rec["logit"], float(logits.max()), rel_tol=1e-5)
+    assert main(["explain", PROMPTS[0], "--model", str(d), "--target", "1", "--jsonl", str(tmp_path / "c.jsonl"),
+                 "--quiet"]) == 0
+    assert json.loads((tmp_path / "c.jsonl").read_text())["target"] == 1
+    d, model = classifier_dirs["mlm"]
+    prompt = "the capital of [MASK] is"
+    assert main(["explain", prompt, "--model", str(d), "--jsonl", str(tmp_path / "m.jsonl"), "--quiet"]) == 0
+    rec = json.loads((tmp_path / "m.jsonl").read_text())
+    with torch.no_grad():
+        logits = model(**tok(prompt, return_tensors="pt")).logits[0, 3]
+    assert rec["position"] == 3 and rec["target_id"] == int(logits.argmax())
+
+
+def _one_line_error(capsys, rc):
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("lxt: error:") and len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["explain", "x", "--steps", "-3"], "--steps must be >= 1"),
+    (["explain", "x", "--steps", "2.5"], "invalid int value: '2.5'"),
+    (["explain", "x", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["explain", "x", "--generate", "-2"], "--generate must be >= 0"),
+    (["explain", "x", "--generate", "2", "--target", " paris"], "takes no --target"),
+    (["explain", "x", "--generate", "2", "--contrast", " paris"], "takes no --target, --contrast"),
+    (["explain", "the cat \udcff"], "not valid UTF-8"),
+    (["explain", "x", "--html", "{tmp}"], "is a directory"),
+    (["explain", "x", "--png", "{tmp}/afile/o.png"], "afile is a file, not a folder"),
+    (["explain", "x", "--jsonl", "/proc/lxt-no-such/o.jsonl"], "cannot write there"),
+    (["explain", "--file", "{tmp}/latin1.txt"], "is not UTF-8 text (byte 0xe9"),
+    (["explain", "--file", "{tmp}/two.txt", "--generate", "2"], "--generate explains one prompt at a time"),
+    (["explain", "x", "--model", "{tmp}/empty"], "holds no config.json"),
+])
+def test_cli_bad_input_is_one_line_before_the_model_loads(argv, msg, tmp_path, capsys, monkeypatch):
+    import lxt.cli
+
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    (tmp_path / "two.txt").write_text("the cat\nthe dog\n")
+    (tmp_path / "empty").mkdir()
+    if "--model" not in argv:
+        monkeypatch.setattr(lxt.cli, "_load", lambda *a: pytest.fail("the model was loaded"))
+    rc = main([a.format(tmp=tmp_path) for a in argv])
+    assert msg in _one_line_error(capsys, rc)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "empty", "latin1.txt", "two.txt"]
+
+
+def test_cli_file_overlong_line_is_named_and_bom_is_not_a_token(model_dir, tmp_path, capsys):
+    f = tmp_path / "p.txt"
+    f.write_text("the cat\n\n" + "the dog " * 40 + "\n", encoding="utf-8")
+    rc = main(["explain", "--file", str(f), "--model", str(model_dir)])
+    assert f"{f} line 3 is 80 tokens, longer than the model's context of 64" in _one_line_error(capsys, rc)
+    f.write_bytes(b"\xef\xbb\xbfthe capital of france is\n")  # UTF-8 with a byte-order mark
+    assert main(["explain", "--file", str(f), "--model", str(model_dir), "--jsonl", str(tmp_path / "o.jsonl"),
+                 "--quiet"]) == 0
+    assert json.loads((tmp_path / "o.jsonl").read_text())["tokens"][0] == "the"

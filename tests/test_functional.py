@@ -109,6 +109,20 @@ def test_mul2_constant_is_identity():
         torch.testing.assert_close(x.grad, R, rtol=0, atol=0)
 
 
+def test_div_identity_on_numerator_divisor_constant():
+    """``a / b`` with ``b`` requiring grad: ``R_a = R``, the divisor gets none (before, the
+    epsilon rule gave ``+R`` to the numerator and ``-R`` to the divisor: a sum of zero)."""
+    a = leaf(3, 4)
+    b = leaf(3, 1, positive=True)
+    y = lf.div_const(a, b)  # the published name; the table maps a / b to lf.div
+    torch.testing.assert_close(y, a / b, rtol=0, atol=0)
+    R = torch.randn_like(y)
+    ra, rb = relevance_of(y, R, a, b)
+    torch.testing.assert_close(ra, R, rtol=0, atol=0)
+    assert rb is None
+    assert lf.div is lf.div_const
+
+
 # ---------------------------------------------------------------- matmul (Prop. 3.3)
 @pytest.mark.parametrize("sa,sb", [((3, 4), (4, 5)), ((2, 3, 4), (2, 4, 5)), ((2, 3, 4), (4, 5)),
                                    ((2, 1, 3, 4), (5, 4, 2))])
@@ -341,6 +355,59 @@ def test_sdpa_formula(case, cp):
         torch.testing.assert_close(rk, ek, rtol=1e-9, atol=1e-9)
 
 
+def reference_attnlrp_constants(q, k, v, needs, R, eps=EPS):
+    """AttnLRP on the materialised attention matrix (float64, by the formulas) when some of
+    q, k, v are constants: the matmul ``P @ v`` shares ``R`` among its ``m`` variable factors
+    (the weights count when q or k is variable), ``q @ k^T`` among its ``n`` variable ones."""
+    need_q, need_k, need_v = needs
+    n = int(need_q) + int(need_k)
+    m = int(n > 0) + int(need_v)
+    scale = 1 / math.sqrt(q.shape[-1])
+    S = q @ k.transpose(-1, -2) * scale
+    P = torch.softmax(S, -1)
+    O = P @ v
+    g = R / stab(m * O, eps)
+    RV = v * (P.transpose(-1, -2) @ g) if need_v else None
+    dP = g @ v.transpose(-1, -2)
+    dS = P * (dP - (P * dP).sum(-1, keepdim=True))  # softmax: DT with bias is the gradient
+    RQ = q * (dS @ k) * scale / n if need_q else None
+    RK = k * (dS.transpose(-1, -2) @ q) * scale / n if need_k else None
+    return RQ, RK, RV
+
+
+def _gradient_form(fn):
+    """``fn`` in the gradient engine, with the boundary conversions a composite makes at its
+    forward's inputs and outputs (so ``.grad`` is relevance again)."""
+    from lxt.rules.base import bind_engine, gradient_to_relevance, relevance_to_gradient
+
+    def run(*inputs):
+        inputs = [gradient_to_relevance(t) if t.requires_grad else t for t in inputs]
+        return relevance_to_gradient(bind_engine(fn, True)(*inputs))
+
+    return run
+
+
+@pytest.mark.parametrize("needs", [(False, False, True), (True, True, False), (True, False, True),
+                                   (False, True, True), (True, False, False)],
+                         ids=lambda n: "".join(c if x else "-" for c, x in zip("qkv", n)))
+@pytest.mark.parametrize("engine", ["explicit", "gradient"])
+def test_sdpa_with_constant_operands(needs, engine, monkeypatch):
+    import lxt.rules.base as base
+
+    eps = 1e-12  # the formula's eps -> 0 step (q @ k^T) is then exact for both forms
+    monkeypatch.setattr(base, "GRADIENT_EPSILON", eps)
+    q, k, v = (t.detach().requires_grad_(need) for t, need in zip(qkv(), needs))
+    fn = lambda q, k, v: lf.scaled_dot_product_attention(q, k, v, epsilon=eps)  # noqa: E731
+    y = (fn if engine == "explicit" else _gradient_form(fn))(q, k, v)
+    R = torch.randn_like(y)
+    got = torch.autograd.grad(y, [t for t in (q, k, v) if t.requires_grad], R)
+    expected = [e for e in reference_attnlrp_constants(q.detach(), k.detach(), v.detach(), needs, R, eps)
+                if e is not None]
+    assert len(got) == len(expected)
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("mask_kind", [None, "bool", "causal"])
 def test_sdpa_equals_composed_functionals(mask_kind):
     """The fused AttnLRP rule equals matmul -> softmax -> matmul composed from the functionals."""
@@ -432,6 +499,35 @@ def test_bfloat16_close_to_float32(name):
         results.append(x.grad.float().flatten())
     corr = torch.corrcoef(torch.stack(results))[0, 1]
     assert corr > 0.97, corr
+
+
+@pytest.mark.parametrize("engine", ["explicit", "gradient"])
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_bfloat16_rules_compute_in_float32(name, engine, monkeypatch):
+    """Rules compute in at least float32: every denominator a rule (or a boundary of the
+    gradient form) stabilises is float32 for bfloat16 inputs, and the relevance is stored
+    back in bfloat16."""
+    import lxt.rules.base as base
+    import lxt.rules.rules as rules_module
+
+    seen = []
+    stabilize = base.stabilize
+
+    def spy(z, epsilon=base.EPSILON):
+        seen.append(z.dtype)
+        return stabilize(z, epsilon)
+
+    monkeypatch.setattr(base, "stabilize", spy)
+    monkeypatch.setattr(rules_module, "stabilize", spy)
+    x = torch.randn(2, 3, 4, 6).to(torch.bfloat16).requires_grad_()
+    fn = ALL[name] if engine == "explicit" else _gradient_form(ALL[name])
+    y = fn(x)
+    assert y.dtype == torch.bfloat16
+    y.backward(torch.randn(y.shape).to(torch.bfloat16))
+    assert x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad).all()
+    assert all(d == torch.float32 for d in seen), seen
+    if engine == "gradient" or name in ("linear_epsilon", "add2", "matmul", "layer_norm", "mean", "sdpa"):
+        assert seen, "no stabilised division seen"
 
 
 @pytest.mark.parametrize("name", sorted(ALL))

@@ -33,6 +33,7 @@ import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface, LlamaForSequenceClassification
 from transformers.activations import GELUActivation, SiLUActivation
@@ -412,6 +413,69 @@ def test_vit_matches_reference(attn, rule):
     worst = check_against_reference(model, factory, inputs, _targets(logits), cp, rtol=1e-6, atol_frac=1e-7,
                                     fwd_rtol=1e-12)
     print(f"vit {attn} {rule}: max|err|/max|R| {worst:.2e}")
+
+
+def _gamma_grad(call, weight, bias, gamma):
+    """A linear / conv layer whose value is ``z = call(x, W, b)`` and whose gradient, times
+    ``x``, is the gamma rule (zennit's formulation: the modified layer's gradient, rescaled by
+    ``z / z_mod``): ``z_mod`` is ``(W + g W+) x+ + (W + g W-) x- + b + g b+`` where ``z >= 0``
+    and ``(W + g W-) x+ + (W + g W+) x- + b + g b-`` where ``z < 0``."""
+
+    def plus(t, sign):
+        return None if t is None else t + gamma * (t.clamp(min=0) if sign > 0 else t.clamp(max=0))
+
+    def forward(x):
+        z = call(x, weight, bias)
+        xp, xn = x.clamp(min=0), x.clamp(max=0)
+        z_pos = call(xp, plus(weight, 1), plus(bias, 1)) + call(xn, plus(weight, -1), None)
+        z_neg = call(xp, plus(weight, -1), plus(bias, -1)) + call(xn, plus(weight, 1), None)
+        z_mod = torch.where(z >= 0, z_pos, z_neg)
+        scaled = z_mod * (z / z_mod).detach()
+        return z.detach() + scaled - scaled.detach()
+
+    return forward
+
+
+def _with_gamma(ref, conv_gamma, mlp_gamma):
+    """``ref`` with the gamma rule as gradient modification on the patch convolution and on
+    the linears of the MLP blocks; returns how many layers got it."""
+    n = 0
+    for parent in ref.modules():
+        mlp = type(parent).__name__ in ("ViTMLP", "ViTIntermediate", "ViTOutput")
+        for child in parent.children():
+            if isinstance(child, nn.Conv2d):
+                child.forward = _gamma_grad(child._conv_forward, child.weight, child.bias, conv_gamma)
+                n += 1
+            elif mlp and isinstance(child, nn.Linear):
+                child.forward = _gamma_grad(F.linear, child.weight, child.bias, mlp_gamma)
+                n += 1
+    return n
+
+
+@pytest.mark.parametrize("engine", ["explicit", "gradient"])
+def test_vit_default_table_uses_its_gammas(engine):
+    """The default ViT table puts gamma = 0.25 on the patch convolution and 0.05 on the MLP
+    linears (AttnLRP appendix): lxt with its defaults matches an independent gamma
+    formulation with those values, and not the one with gamma = 0."""
+    model = tiny_vit(attn="sdpa", dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    inputs = {"pixel_values": torch.randn(2, 3, 16, 16, generator=g, dtype=torch.float64)}
+    with torch.no_grad():
+        targets = model(**inputs).logits.argmax(-1)
+    comp = lxt_vit.attnlrp(engine="explicit", epsilon=1e-12) if engine == "explicit" else lxt_vit.attnlrp()
+    with comp.context(model):
+        rel, _ = lxt_relevance(comp, model, targets, **dict(inputs))
+    expected = {}
+    for gammas in ((0.25, 0.05), (0.0, 0.0)):
+        ref = reference_model(model)
+        assert _with_gamma(ref, *gammas) == 1 + 2 * model.config.num_hidden_layers
+        expected[gammas], _ = reference_relevance(ref, targets, **dict(inputs))
+    # explicit: epsilon 1e-12; gradient: the default 1e-6 of the gamma rule and its boundaries
+    tol = 1e-6 if engine == "explicit" else 1e-4
+    err = assert_relevance_close(rel, expected[(0.25, 0.05)], rtol=tol, atol_frac=tol)
+    gap = ((expected[(0.0, 0.0)] - expected[(0.25, 0.05)]).abs().max() / expected[(0.25, 0.05)].abs().max()).item()
+    print(f"vit default gammas {engine}: max|err|/max|R| {err:.2e}, gamma = 0 differs by {gap:.2e}")
+    assert gap > 100 * tol, (gap, err)  # the gammas matter far beyond the tolerance
 
 
 # ----------------------------------------------------------------------------------------

@@ -57,16 +57,34 @@ def test_epsilon_rule_template_wraps_a_module():
     assert repr(rules.GammaRule(gamma=0.5)) == "GammaRule(gamma=0.5, epsilon=1e-06)"
 
 
-def test_uniform_epsilon_rule_equals_matmul():
+def test_uniform_epsilon_rule_on_matmul_formula():
+    """AttnLRP Prop. 3.3, written out: ``R_A = A * ((R / stab(2 A@B)) B^T)``,
+    ``R_B = B * (A^T (R / stab(2 A@B)))``."""
     a = torch.randn(2, 3, 4, dtype=D, requires_grad=True)
     b = torch.randn(2, 4, 5, dtype=D, requires_grad=True)
     y = rules.UniformEpsilonRule(epsilon=EPS)(torch.matmul)(a, b)
     R = torch.randn_like(y)
-    r = torch.autograd.grad(y, (a, b), R)
-    y2 = lf.matmul(a, b, epsilon=EPS)
-    r2 = torch.autograd.grad(y2, (a, b), R)
-    for u, v in zip(r, r2):
-        torch.testing.assert_close(u, v, rtol=0, atol=0)
+    ra, rb = torch.autograd.grad(y, (a, b), R)
+    A, B = a.detach(), b.detach()
+    g = R / stab(2 * (A @ B), EPS)
+    torch.testing.assert_close(ra, A * (g @ B.transpose(-1, -2)), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rb, B * (A.transpose(-1, -2) @ g), rtol=1e-12, atol=1e-12)
+
+
+def test_stabilize_moves_zero_up_and_keeps_signs():
+    """``z + eps * sign(z)`` with ``sign(0) = +1`` (also for -0.0)."""
+    z = torch.tensor([0.0, -0.0, 2.0, -2.0, 1e-9, -1e-9], dtype=D)
+    out = rules.stabilize(z, 0.5)
+    assert out.tolist() == [0.5, 0.5, 2.5, -2.5, 0.5 + 1e-9, -0.5 - 1e-9]
+    torch.testing.assert_close(out, stab(z, 0.5), rtol=0, atol=0)
+    # at a zero output the epsilon rule divides by +eps: the relevance keeps R's sign
+    lin = linear(2, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 1.0]]))
+    x = torch.tensor([[1.0, -1.0]], dtype=D)  # z = 0 exactly
+    R = torch.tensor([[3.0]], dtype=D)
+    _, r = rel(rules.EpsilonRule(epsilon=1e-3)(lin), x, R)
+    torch.testing.assert_close(r, x * R / 1e-3, rtol=1e-12, atol=0)
 
 
 def test_uniform_rule_three_inputs():

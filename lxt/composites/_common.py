@@ -16,10 +16,16 @@ def detached_softmax(input, dim=None, _stacklevel=3, dtype=None):
     return F.softmax(input, dim=dim, dtype=dtype).detach()
 
 
+detached_softmax.lxt_constant_args = (0, "input")
+
+
 def gate_detached_mul(gate, up):
     """CP-LRP gated MLP: ``act(gate(x)) * up(x)`` with the gate branch detached, so relevance
     goes through the up projection (identity rule on the product)."""
     return lf.mul2(gate.detach(), up)
+
+
+gate_detached_mul.lxt_constant_args = (0, "gate")
 
 
 def with_epsilon(fn, epsilon):
@@ -33,6 +39,7 @@ def with_epsilon(fn, epsilon):
 
     wrapped.__name__ = wrapped.__qualname__ = f"{fn.__name__}[epsilon={epsilon:g}]"
     wrapped.__doc__ = fn.__doc__
+    wrapped.__wrapped__ = fn
     return wrapped
 
 
@@ -56,7 +63,9 @@ def arithmetic(epsilon=None) -> dict:
         torch.add: add,
         "add": add,
         # in-place forms (``x += y`` in transformers 4.x embeddings) become out-of-place rule
-        # calls: an in-place update would overwrite the output a rule keeps for backward
+        # calls (an in-place update would overwrite the output a rule keeps for backward);
+        # every later use of the mutated tensor reads the rule's result instead
+        # (lxt.core.tracing.rewrite_inplace), so the forward is unchanged
         operator.iadd: add,
         "add_": add,
         operator.mul: lf.mul2,
@@ -65,7 +74,13 @@ def arithmetic(epsilon=None) -> dict:
         operator.imul: lf.mul2,
         "mul_": lf.mul2,
         operator.neg: IdentityRule,  # rotate_half: -x carries x's relevance, not -R
-        operator.truediv: lf.div_const,
+        # a / b: identity on the numerator, the divisor a constant (also when it requires
+        # grad: x / x.norm(), e / e.sum())
+        operator.truediv: lf.div,
+        torch.div: lf.div,
+        "div": lf.div,
+        operator.itruediv: lf.div,
+        "div_": lf.div,
     }
 
 

@@ -38,10 +38,12 @@ def attnlrp(overrides=None, model_type: str = "bert", epsilon=None, engine: str 
            **kwargs) -> Composite:
     """A fresh AttnLRP composite for BERT (``BertModel``, ``BertForSequenceClassification``,
     ``BertForMaskedLM``)."""
-    return Composite(layer_map(False, epsilon=epsilon), overrides, engine=engine, epsilon=epsilon, name="AttnLRP[bert]", **kwargs)
+    return Composite(layer_map(False, epsilon=epsilon), overrides, engine=engine, epsilon=epsilon, name="AttnLRP[bert]", method="attnlrp",
+                     **kwargs)
 
 
 def cp_lrp(overrides=None, model_type: str = "bert", epsilon=None, engine: str = "gradient",
            **kwargs) -> Composite:
     """A fresh CP-LRP composite for BERT."""
-    return Composite(layer_map(True, epsilon=epsilon), overrides, engine=engine, epsilon=epsilon, name="CP-LRP[bert]", **kwargs)
+    return Composite(layer_map(True, epsilon=epsilon), overrides, engine=engine, epsilon=epsilon, name="CP-LRP[bert]", method="cp-lrp",
+                     **kwargs)

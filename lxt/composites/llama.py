@@ -55,10 +55,12 @@ def attnlrp(overrides=None, model_type: str = "llama", epsilon=None, engine: str
     """A fresh AttnLRP composite for Llama-family models (``LlamaForCausalLM``,
     ``LlamaModel``, ``LlamaForSequenceClassification``; Mistral and Qwen2 with ``model_type``).
     ``overrides`` are per-layer maps applied on top of the table."""
-    return Composite(layer_map(False, model_type, epsilon), overrides, engine=engine, epsilon=epsilon, name=f"AttnLRP[{model_type}]", **kwargs)
+    return Composite(layer_map(False, model_type, epsilon), overrides, engine=engine, epsilon=epsilon, name=f"AttnLRP[{model_type}]", method="attnlrp",
+                     **kwargs)
 
 
 def cp_lrp(overrides=None, model_type: str = "llama", epsilon=None, engine: str = "gradient",
            **kwargs) -> Composite:
     """A fresh CP-LRP composite for Llama-family models."""
-    return Composite(layer_map(True, model_type, epsilon), overrides, engine=engine, epsilon=epsilon, name=f"CP-LRP[{model_type}]", **kwargs)
+    return Composite(layer_map(True, model_type, epsilon), overrides, engine=engine, epsilon=epsilon, name=f"CP-LRP[{model_type}]", method="cp-lrp",
+                     **kwargs)

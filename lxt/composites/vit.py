@@ -55,7 +55,7 @@ def attnlrp(overrides=None, model_type: str = "vit", conv_gamma: float = CONV_GA
            **kwargs) -> Composite:
     """A fresh AttnLRP composite for ``ViTForImageClassification`` / ``ViTModel``."""
     return Composite(layer_map(False, conv_gamma=conv_gamma, mlp_gamma=mlp_gamma, epsilon=epsilon), overrides,
-                     engine=engine, epsilon=epsilon, name="AttnLRP[vit]", **kwargs)
+                     engine=engine, epsilon=epsilon, name="AttnLRP[vit]", method="attnlrp", **kwargs)
 
 
 def cp_lrp(overrides=None, model_type: str = "vit", conv_gamma: float = CONV_GAMMA,
@@ -63,4 +63,4 @@ def cp_lrp(overrides=None, model_type: str = "vit", conv_gamma: float = CONV_GAM
            **kwargs) -> Composite:
     """A fresh CP-LRP composite for ViT."""
     return Composite(layer_map(True, conv_gamma=conv_gamma, mlp_gamma=mlp_gamma, epsilon=epsilon), overrides,
-                     engine=engine, epsilon=epsilon, name="CP-LRP[vit]", **kwargs)
+                     engine=engine, epsilon=epsilon, name="CP-LRP[vit]", method="cp-lrp", **kwargs)

@@ -23,12 +23,15 @@ from torch import nn
 
 from ..rules.base import EPSILON, Rule, bind_engine
 from .opaque import LxtModule
-from .tracing import Capture, OpRecord, PatchedForward, make_backend
+from .tracing import (CHOSEN_PLAIN, PLAIN_OK, Capture, OpRecord, PatchedForward, describe_ops,
+                      make_backend, unsafe_ops)
 
-__all__ = ["Composite", "LayerMap", "ENGINES"]
+__all__ = ["Composite", "LayerMap", "ENGINES", "METHODS"]
 
 #: the execution forms of a composite (see :class:`Composite`)
 ENGINES = ("gradient", "explicit")
+#: the LRP methods a shipped table implements (:attr:`Composite.method`)
+METHODS = ("attnlrp", "cp-lrp")
 
 
 def _describe(obj) -> str:
@@ -203,6 +206,15 @@ class Composite:
         forward's inputs and outputs, the identity rule's ``y / x``); default
         :data:`lxt.rules.EPSILON`.  The rules' own ``epsilon`` is theirs: an epsilon-family rule
         with a larger one than the default runs explicitly in either engine.
+    strict : bool
+        Operations on the relevance path that the layer map leaves with plain gradients
+        (products, nonlinearities, ... ``summary().unsafe``) make the relevance not LRP there:
+        by default a ``UserWarning`` names each such operation and module at the first call
+        that captures them; with ``strict=True`` that call raises ``ValueError`` instead
+        (before the forward runs).
+    method : {"attnlrp", "cp-lrp"}, optional
+        The method the layer map implements (set by the shipped tables; ``None`` for a
+        custom map).  :func:`lxt.explain` refuses a composite of another method.
 
     Examples
     --------
@@ -215,13 +227,19 @@ class Composite:
 
     def __init__(self, layer_map=None, overrides: Optional[Mapping] = None, *, trace: bool = True,
                  freeze_parameters: bool = True, name: Optional[str] = None,
-                 engine: str = "gradient", epsilon: Optional[float] = None):
+                 engine: str = "gradient", epsilon: Optional[float] = None, strict: bool = False,
+                 method: Optional[str] = None):
         if engine not in ENGINES:
             raise ValueError(f"lxt: engine must be one of {', '.join(map(repr, ENGINES))}, got {engine!r}.")
+        if method not in (None,) + METHODS:
+            raise ValueError(f"lxt: method must be one of {', '.join(map(repr, METHODS))} or None "
+                             f"(a custom layer map), got {method!r}.")
         self.engine = engine
         from ..rules.rules import _check_epsilon
 
         self.epsilon = EPSILON if epsilon is None else _check_epsilon(epsilon)
+        self.strict = bool(strict)
+        self.method = method
         self.layer_map = LayerMap(layer_map)
         if overrides is not None and not isinstance(overrides, Mapping):
             raise TypeError("lxt: overrides is a dict {'qualified.name.pattern*': {matcher: rule}}.")
@@ -240,6 +258,8 @@ class Composite:
         self._modules: list[tuple[str, str, str]] = []  # (name, type, rule)
         self._capture: Optional[Capture] = None
         self._forward: Optional[PatchedForward] = None
+        self._swaps: list = []  # (parent, name, original, replacement), for suspended()
+        self._installed: Optional[tuple] = None  # (had forward, previous, installed)
 
     # ------------------------------------------------------------------ lookup
     def _maps_for(self, names: list[str]) -> list[LayerMap]:
@@ -254,14 +274,15 @@ class Composite:
         return False, None
 
     def _resolve_call(self, target, stack):
-        """(replacement, label) for a graph call, or (None, None) for plain gradient."""
+        """(replacement, label) for a graph call; (None, None) for plain gradient, or
+        (None, CHOSEN_PLAIN) where the map says ``None``."""
         names = [n for n, _ in stack if n]
         owner_type = stack[-1][1] if stack else None
         for lm in self._maps_for(names):
             found, value, key = lm.call_value(target, owner_type)
             if found:
                 if value is None:
-                    return None, None
+                    return None, CHOSEN_PLAIN  # plain gradient by the user's choice
                 return bind_engine(_call_replacement(value, target), self._gradient,
                                    self.epsilon), _describe(value)
         return None, None
@@ -274,13 +295,21 @@ class Composite:
     def register(self, model: nn.Module) -> nn.Module:
         """Patch ``model`` in place and return it.
 
-        Registering again with this composite first restores the previous registration; a
-        model registered by another composite is refused (call that composite's ``remove``).
-        Nothing is left half-patched: if building a rule fails, every change is undone and
-        the error names the module.
+        Registering the same model again with this composite first restores the previous
+        registration.  A composite serves one model at a time: registering it on another model
+        while it is registered is refused (call ``remove()`` first, or use a second
+        composite), and so is a model registered by another composite (call that composite's
+        ``remove``).  Nothing is left half-patched: if building a rule fails, every change is
+        undone and the error names the module.
         """
         if not isinstance(model, nn.Module):
             raise TypeError(f"lxt: Composite.register needs an nn.Module, got {type(model).__name__}.")
+        if self.model is not None and self.model is not model:
+            raise RuntimeError(
+                f"lxt: {self.name} is registered on a {type(self.model).__name__}; a composite "
+                "serves one model at a time. Call its remove() (or leave its context) first, or "
+                "build a second composite for this model."
+            )
         self.remove()
         other = getattr(model.__dict__.get("forward"), "lxt_composite", None)
         if other is not None or _holds_lxt_wrappers(model):
@@ -295,6 +324,7 @@ class Composite:
         plan = self._plan_modules(model)  # builds every replacement before changing anything
         self.model = model
         try:
+            self._record_training(model)
             for parent, child_name, original, replacement, qualname, label in plan:
                 self._swap(parent, child_name, original, replacement)
                 self._modules.append((qualname, type(original).__name__, label))
@@ -316,6 +346,8 @@ class Composite:
         self._forward = None
         self.model = None
         self._modules = []
+        self._swaps = []
+        self._installed = None
 
     @contextlib.contextmanager
     def context(self, model: nn.Module):
@@ -326,6 +358,33 @@ class Composite:
             yield model
         finally:
             self.remove()
+
+    @contextlib.contextmanager
+    def suspended(self):
+        """Inside the block the registered model computes as if unregistered (its own modules
+        and forward, plain gradients); on exit the registration is back as it was, capture
+        included.  Parameters stay frozen and training flags untouched.  Used by
+        :func:`lxt.explain` for the baseline methods."""
+        if self.model is None:
+            yield
+            return
+        model = self.model
+        swaps = list(self._swaps)
+        had, previous, installed = self._installed or (False, None, None)
+        for parent, name, original, _ in reversed(swaps):
+            parent._modules[name] = original
+        if installed is not None:
+            if had:
+                model.__dict__["forward"] = previous
+            else:
+                model.__dict__.pop("forward", None)
+        try:
+            yield
+        finally:
+            for parent, name, _, replacement in swaps:
+                parent._modules[name] = replacement
+            if installed is not None:
+                model.__dict__["forward"] = installed
 
     def __enter__(self):
         raise TypeError("lxt: use `with composite.context(model) as m:`.")
@@ -369,6 +428,18 @@ class Composite:
 
         self._undo.append(undo)
         parent._modules[name] = replacement
+        self._swaps.append((parent, name, original, replacement))
+
+    def _record_training(self, model: nn.Module) -> None:
+        """``remove`` gives every module its own training flag back (``model.train()`` /
+        ``eval()`` while registered set them all)."""
+        flags = [(m, m.training) for m in model.modules()]
+
+        def undo(flags=flags):
+            for m, f in flags:
+                m.training = f
+
+        self._undo.append(undo)
 
     def _freeze(self, model: nn.Module) -> None:
         named = list(model.named_parameters(remove_duplicate=False))
@@ -400,7 +471,8 @@ class Composite:
         self._undo.append(undo)
         names = {str(id(m)): n for n, m in model.named_modules()}
         self._capture = Capture()
-        backend = make_backend(self._resolve_call, names, self._capture)
+        backend = make_backend(self._resolve_call, names, self._capture,
+                               check=self._check_unsafe if self.strict else None)
         original = model.forward  # bound method (or a previous instance forward, e.g. accelerate's)
         patched = PatchedForward(original, backend, self._capture, self.trace, model=model,
                                  gradient=self._gradient, epsilon=self.epsilon)
@@ -415,6 +487,18 @@ class Composite:
         forward.__doc__ = getattr(original, "__doc__", None)
         forward.lxt_composite = self
         model.__dict__["forward"] = forward
+        self._installed = (had, previous, forward)
+
+    def _check_unsafe(self, records) -> None:
+        """``strict=True``: refuse a captured graph that leaves unsafe operations on the
+        relevance path."""
+        unsafe = unsafe_ops(records)
+        if unsafe:
+            raise ValueError(
+                f"lxt: strict {self.name}: operations on the relevance path have no LRP rule: "
+                f"{describe_ops(unsafe)}. Map them in the layer map (e.g. operator.mul: "
+                "lxt.functional.mul2), or map them to None to accept plain gradients there."
+            )
 
     # ------------------------------------------------------------------ report
     @property
@@ -498,7 +582,7 @@ class Summary:
     @property
     def unsafe(self) -> list[OpRecord]:
         """Captured operations left with plain gradients that need an LRP rule."""
-        return [r for r in self.ops if not r.rewritten and r.status != "compatible"]
+        return [r for r in self.ops if not r.rewritten and r.status not in PLAIN_OK]
 
     def __str__(self) -> str:
         lines = [f"{self.name} on {self.model_type or '(no model)'} ({self.engine} engine)"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+import re
 import types
 import warnings
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import torch
 from torch import fx
 
 from ..rules.base import gradient_to_relevance, relevance_to_gradient
-from .opaque import opaque_module_call
+from .opaque import opaque_module_call, tap
 
 _TRAMPOLINES = itertools.count(1)
 
@@ -43,6 +44,12 @@ NOT_LRP_SAFE = {
 }
 
 
+#: status of a call the layer map maps to ``None`` (plain gradient by the user's choice)
+CHOSEN_PLAIN = "None in the layer map"
+#: statuses of calls left with plain gradients that are not unsafe
+PLAIN_OK = ("compatible", CHOSEN_PLAIN)
+
+
 def target_name(target) -> str:
     """Short name of a graph node's target (``operator.add`` -> ``add``)."""
     if isinstance(target, str):
@@ -51,6 +58,8 @@ def target_name(target) -> str:
 
 
 def classify(target) -> str:
+    if target is tap:  # lxt's own identity (latent relevance)
+        return "compatible"
     name = target_name(target).strip("_")
     if name in COMPATIBLE:
         return "compatible"
@@ -78,6 +87,7 @@ class Capture:
     graphs: list = field(default_factory=list)  # list[list[OpRecord]]
     failure: Optional[str] = None
     graph_breaks: int = 0
+    warned: set = field(default_factory=set)  # (op, module) pairs already warned about
 
 
 def _floating_tensor_meta(arg) -> bool:
@@ -89,6 +99,67 @@ def _floating_tensor_meta(arg) -> bool:
 
 def _any_floating(node: fx.Node) -> bool:
     return any(_floating_tensor_meta(a) for a in itertools.chain(node.args, node.kwargs.values()))
+
+
+def is_inplace(target) -> bool:
+    """Whether a graph call mutates its first argument (``operator.iadd``, ``"add_"``, ...)."""
+    name = target_name(target)
+    if target in _INPLACE_OPERATORS:
+        return True
+    return name.endswith("_") and not name.startswith("_")
+
+
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                      operator.ifloordiv, operator.imod, operator.ipow, operator.imatmul}
+
+
+def _aliases_value(node: fx.Node, root) -> bool:
+    v = node.meta.get("example_value")
+    return isinstance(v, torch.Tensor) and (v is root or v._base is root)
+
+
+def rewrite_inplace(graph: fx.Graph, node: fx.Node, replacement: Callable, where: str) -> None:
+    """Rewrite an in-place call (``h.add_(x)``, ``h += x``) to the out-of-place ``replacement``
+    and keep its semantics: every later use of the mutated tensor reads the new node.
+
+    Refused (``ValueError``) where that cannot be done inside the graph: the mutated tensor is
+    a graph input (a model input, parameter or buffer, changed for the caller too) or another
+    view of its storage is read after the call.
+    """
+    mutated = node.args[0] if node.args else None
+    value = mutated.meta.get("example_value") if isinstance(mutated, fx.Node) else None
+    op = target_name(node.target)
+    hint = (f"Write it out of place (h = h + x instead of h.add_(x) / h += x), or map {op!r} "
+            "to None in the composite's layer map to leave it with plain gradients.")
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"lxt: cannot rewrite the in-place call {op!r} in {where}: its first "
+                         f"argument is not a tensor of the graph. {hint}")
+    root = value if value._base is None else value._base
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    here = order[node]
+    for other in graph.nodes:
+        if order[other] >= here or not _aliases_value(other, root):
+            continue
+        if other.op in ("placeholder", "get_attr"):
+            raise ValueError(
+                f"lxt: {op!r} in {where} changes a tensor in place that the graph did not create "
+                "(a model input, parameter or buffer, or a view of one); a rule cannot keep that "
+                f"in-place semantics. {hint}")
+        same = other.meta.get("example_value") is value
+        if not same and any(order[u] > here for u in other.users):
+            raise ValueError(
+                f"lxt: {op!r} in {where} changes a tensor in place that is read later through "
+                f"another view of it ({other.name}); a rule cannot keep that in-place semantics. "
+                f"{hint}")
+    node.op = "call_function"
+    node.target = replacement
+    # the mutated tensor (and every earlier node that is the same tensor) now reads the result
+    for other in list(graph.nodes):
+        if order.get(other, here) >= here or other.meta.get("example_value") is not value:
+            continue
+        for user in list(other.users):
+            if order.get(user, -1) > here:
+                user.replace_input_with(other, node)
 
 
 def module_stack(node: fx.Node, names: dict) -> list:
@@ -154,14 +225,79 @@ def ungroup_repeated_kv(graph: fx.Graph) -> int:
     return done
 
 
-def make_backend(resolve: Callable, names: dict, capture: Capture) -> Callable:
+def _constant_args(target) -> tuple:
+    """Arguments (positions, keyword names) of a replacement that receive no relevance."""
+    while target is not None:
+        consts = getattr(target, "lxt_constant_args", None)
+        if consts is not None:
+            return consts
+        target = getattr(target, "__wrapped__", None)
+    return ()
+
+
+def _passes_relevance(user: fx.Node, node: fx.Node) -> bool:
+    """Whether ``user`` passes relevance to its argument ``node``."""
+    consts = _constant_args(user.target) if user.op == "call_function" else ()
+    uses = [i for i, a in enumerate(user.args)
+            if a is node or (isinstance(a, (list, tuple)) and node in a)]
+    uses += [k for k, a in user.kwargs.items()
+             if a is node or (isinstance(a, (list, tuple)) and node in a)]
+    return any(u not in consts for u in uses)
+
+
+def _carries_relevance(graph: fx.Graph) -> set:
+    """The nodes whose value relevance reaches in backward: used by the graph's output, or by
+    a node that carries relevance and passes it to them (a divisor detached by its rule does
+    not).  An in-place call left as it is carries relevance when the tensor it changes does."""
+    carries: set = set()
+    while True:
+        before = len(carries)
+        for node in reversed(graph.nodes):
+            if node in carries:
+                continue
+            if (node.op in ("call_function", "call_method") and is_inplace(node.target)
+                    and node.args and node.args[0] in carries):
+                carries.add(node)
+                continue
+            for user in node.users:
+                if user.op == "output" or (user in carries and _passes_relevance(user, node)):
+                    carries.add(node)
+                    break
+        if len(carries) == before:
+            return carries
+
+
+def unsafe_ops(records) -> list:
+    """The operations of ``records`` on the relevance path that kept a plain gradient but need
+    an LRP rule."""
+    return [r for r in records if r.on_path and not r.rewritten and r.status not in PLAIN_OK]
+
+
+def describe_ops(records) -> str:
+    """``mul in model.layers.*.mlp (30 modules), lm_head; neg in (top level)``: each op with
+    the modules it sits in (numbered layers as one pattern)."""
+    by_op: dict = {}
+    for r in records:
+        owners = by_op.setdefault(r.op, {})
+        name = r.module or "(top level)"
+        owners.setdefault(re.sub(r"(?<=\.)\d+(?=\.|$)", "*", name), set()).add(name)
+    return "; ".join(
+        f"{op} in " + ", ".join(p if len(n) == 1 else f"{p} ({len(n)} modules)" for p, n in owners.items())
+        for op, owners in by_op.items())
+
+
+def make_backend(resolve: Callable, names: dict, capture: Capture,
+                 check: Optional[Callable] = None) -> Callable:
     """A Dynamo backend that rewrites ``call_function`` / ``call_method`` nodes.
 
-    ``resolve(target, stack)`` returns ``(replacement, label)`` or ``(None, None)``.
+    ``resolve(target, stack)`` returns ``(replacement, label)`` or ``(None, None)``;
+    ``check(records)``, if given, sees the records of each rewritten graph before it runs
+    (and may refuse it by raising).
     """
 
     def rewrite(graph_module: fx.GraphModule, index: int, records: list) -> None:
         ungroup_repeated_kv(graph_module.graph)
+        nodes = {}
         for node in graph_module.graph.nodes:
             if node.op not in ("call_function", "call_method"):
                 continue
@@ -173,15 +309,28 @@ def make_backend(resolve: Callable, names: dict, capture: Capture) -> Callable:
             on_path = isinstance(value, torch.Tensor) and value.requires_grad
             if node.target is opaque_module_call:
                 records.append(OpRecord(owner, "module", "module rule", True, index, on_path))
+                nodes[node] = records[-1]
                 continue
             replacement, label = resolve(node.target, stack)
-            if replacement is not None:
+            if replacement is not None and is_inplace(node.target):
+                op = target_name(node.target)
+                if not on_path:  # no relevance through it: keep the in-place call as it is
+                    records.append(OpRecord(owner, op, "compatible", False, index, on_path))
+                    nodes[node] = records[-1]
+                    continue
+                rewrite_inplace(graph_module.graph, node, replacement, owner or "the top-level forward")
+                records.append(OpRecord(owner, op, f"{label} (in place)", True, index, on_path))
+            elif replacement is not None:
                 records.append(OpRecord(owner, target_name(node.target), label, True, index, on_path))
                 node.op = "call_function"
                 node.target = replacement
             else:
-                records.append(OpRecord(owner, target_name(node.target), classify(node.target), False,
-                                        index, on_path))
+                status = label if label == CHOSEN_PLAIN else classify(node.target)
+                records.append(OpRecord(owner, target_name(node.target), status, False, index, on_path))
+            nodes[node] = records[-1]
+        carries = _carries_relevance(graph_module.graph)
+        for node, record in nodes.items():
+            record.on_path = record.on_path and node in carries
         graph_module.graph.lint()
         graph_module.recompile()
 
@@ -193,6 +342,8 @@ def make_backend(resolve: Callable, names: dict, capture: Capture) -> Callable:
         for _, sub in gm.named_modules():
             if isinstance(sub, fx.GraphModule):
                 rewrite(sub, index, records)
+        if check is not None:
+            check(records)
         capture.graphs.append(records)
         return gm.forward
 
@@ -201,7 +352,9 @@ def make_backend(resolve: Callable, names: dict, capture: Capture) -> Callable:
 
 def _input_boundary(t: torch.Tensor) -> torch.Tensor:
     if t.requires_grad and t.is_floating_point():
-        return gradient_to_relevance(t)  # g from the graph leaves as R = x * g
+        # g from the graph leaves as R = x * g; a copy, not a view, so that a forward that
+        # changes its input in place meets a plain tensor (and lxt's own check)
+        return gradient_to_relevance(t).clone()
     return t
 
 
@@ -314,7 +467,10 @@ class PatchedForward:
         self.release()
         self._build()
 
+    @torch.compiler.disable
     def __call__(self, *args, **kwargs):
+        # never traced by an outer torch.compile (a wrapper of the model made before or after
+        # register): it runs here, eagerly, around lxt's own capture
         if not (self.gradient and torch.is_grad_enabled()):
             return self._call(*args, **kwargs)
         # gradient engine: relevance in, relevance out (see lxt.rules.base)
@@ -351,12 +507,29 @@ class PatchedForward:
                 "them runs with plain gradients. Composite.summary() lists what was rewritten.",
                 stacklevel=4,
             )
+        if new > 0:
+            self._warn_unsafe(self.capture.graphs[before:])
         if self.calls == 1 and not self.capture.graphs:
             self.capture.failure = "TorchDynamo captured no graph (is the forward disabled for compilation?)"
             warnings.warn(
                 f"lxt: {self.capture.failure}. Module rules still apply; functional calls carry "
                 "plain gradients. Composite.summary() shows what is covered.", stacklevel=4)
         return out
+
+    def _warn_unsafe(self, graphs) -> None:
+        """Warn once per operation and module about unsafe operations left on the relevance
+        path (the relevance computed through them is not LRP)."""
+        fresh = [r for g in graphs for r in unsafe_ops(g)
+                 if (r.op, r.module) not in self.capture.warned]
+        if not fresh:
+            return
+        self.capture.warned.update((r.op, r.module) for r in fresh)
+        warnings.warn(
+            f"lxt: operations on the relevance path have no LRP rule and pass plain gradients, "
+            f"so the relevance is not LRP there: {describe_ops(fresh)}. Map them in the "
+            "composite's layer map (e.g. operator.mul: lxt.functional.mul2), or pass "
+            "strict=True to the Composite to make this an error. Composite.summary() lists "
+            "every operation.", UserWarning, stacklevel=5)
 
     def _give_up(self, err: Exception) -> None:
         msg = str(err).strip().splitlines()

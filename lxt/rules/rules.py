@@ -152,6 +152,9 @@ class UniformRule(Rule):
 _PRODUCTS = (operator.mul, torch.mul, torch.Tensor.mul, operator.imul)
 #: elementwise functions with y = f'(x) * x (f' constant): their identity rule is the gradient
 _LINEAR_ELEMENTWISE = (operator.neg, torch.neg, torch.Tensor.neg, operator.pos)
+#: ``x / c`` with the divisor a constant of the rule: linear in x, so its identity rule is the
+#: gradient with ``c`` detached
+_SCALES = (operator.truediv, torch.div, torch.true_divide, torch.Tensor.div)
 
 
 class IdentityRule(Rule):
@@ -184,7 +187,7 @@ class IdentityRule(Rule):
                 f"lxt: IdentityRule gives all relevance to one input, but {len(var)} "
                 "inputs of this call require grad; use UniformRule to share it."
             )
-        if fn in _LINEAR_ELEMENTWISE:
+        if fn in _LINEAR_ELEMENTWISE or (fn in _SCALES and var == [0]):
             return plain_call(fn, args, kwargs, positions)
         form = getattr(fn, "lxt_gradient_form", None)
         if form is not None:
