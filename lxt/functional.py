@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import math
 import operator
 
 import torch
@@ -279,14 +280,35 @@ def identity(fn, input: Tensor, *args, **kwargs) -> Tensor:
     return _IDENTITY.apply_at(fn, (input, *args), kwargs, [0])
 
 
+def _silu(input):
+    return F.silu(input)
+
+
+def _gelu(input, approximate="none"):
+    return F.gelu(input, approximate=approximate)
+
+
+def _gelu_ratio(input, approximate="none"):
+    if approximate == "tanh":
+        inner = math.sqrt(2 / math.pi) * (input + 0.044715 * input.pow(3))
+        return 0.5 * (1 + torch.tanh(inner))
+    return 0.5 * (1 + torch.erf(input * (1 / math.sqrt(2))))
+
+
+# The identity rule's gradient form multiplies the gradient by y / x (IdentityRule.gradient_at);
+# for x * s(x) activations that ratio is s(x), one operation, with no division by x.
+_silu.lxt_ratio = torch.sigmoid
+_gelu.lxt_ratio = _gelu_ratio
+
+
 def silu(input: Tensor, inplace: bool = False) -> Tensor:
     """``F.silu`` with the identity rule (AttnLRP Eq. 9)."""
-    return identity(F.silu, input)
+    return identity(_silu, input)
 
 
 def gelu(input: Tensor, approximate: str = "none") -> Tensor:
     """``F.gelu`` with the identity rule (AttnLRP Eq. 9)."""
-    return identity(F.gelu, input, approximate=approximate)
+    return identity(_gelu, input, approximate=approximate)
 
 
 def tanh(input: Tensor) -> Tensor:

@@ -174,7 +174,11 @@ class _RatioGradient(torch.autograd.Function):
                             f"it returned {type(y).__name__}.")
         ct = compute_dtype(x.dtype)
         ctx.epsilon = epsilon = ENGINE.epsilon
-        if y.shape == x.shape:
+        ratio_of = getattr(fn, "lxt_ratio", None)  # y / x in closed form (SiLU: sigmoid(x))
+        if y.shape == x.shape and ratio_of is not None:
+            ctx.save_for_backward(ratio_of(*args, **kwargs).to(x.dtype))
+            ctx.broadcast = False
+        elif y.shape == x.shape:
             ratio = y.detach().to(ct) / stabilize(x.detach().to(ct), epsilon)
             ctx.save_for_backward(ratio.to(x.dtype))
             ctx.broadcast = False
