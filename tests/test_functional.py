@@ -375,14 +375,15 @@ def reference_attnlrp_constants(q, k, v, needs, R, eps=EPS):
     return RQ, RK, RV
 
 
-def _gradient_form(fn):
-    """``fn`` in the gradient engine, with the boundary conversions a composite makes at its
-    forward's inputs and outputs (so ``.grad`` is relevance again)."""
+def _gradient_form(fn, eps):
+    """``fn`` in the gradient engine (its divisions stabilised with ``eps``), with the boundary
+    conversions a composite makes at its forward's inputs and outputs (so ``.grad`` is
+    relevance again)."""
     from lxt.rules.base import bind_engine, gradient_to_relevance, relevance_to_gradient
 
     def run(*inputs):
         inputs = [gradient_to_relevance(t) if t.requires_grad else t for t in inputs]
-        return relevance_to_gradient(bind_engine(fn, True)(*inputs))
+        return relevance_to_gradient(bind_engine(fn, True, eps)(*inputs), eps)
 
     return run
 
@@ -391,14 +392,11 @@ def _gradient_form(fn):
                                    (False, True, True), (True, False, False)],
                          ids=lambda n: "".join(c if x else "-" for c, x in zip("qkv", n)))
 @pytest.mark.parametrize("engine", ["explicit", "gradient"])
-def test_sdpa_with_constant_operands(needs, engine, monkeypatch):
-    import lxt.rules.base as base
-
+def test_sdpa_with_constant_operands(needs, engine):
     eps = 1e-12  # the formula's eps -> 0 step (q @ k^T) is then exact for both forms
-    monkeypatch.setattr(base, "GRADIENT_EPSILON", eps)
     q, k, v = (t.detach().requires_grad_(need) for t, need in zip(qkv(), needs))
     fn = lambda q, k, v: lf.scaled_dot_product_attention(q, k, v, epsilon=eps)  # noqa: E731
-    y = (fn if engine == "explicit" else _gradient_form(fn))(q, k, v)
+    y = (fn if engine == "explicit" else _gradient_form(fn, eps))(q, k, v)
     R = torch.randn_like(y)
     got = torch.autograd.grad(y, [t for t in (q, k, v) if t.requires_grad], R)
     expected = [e for e in reference_attnlrp_constants(q.detach(), k.detach(), v.detach(), needs, R, eps)
@@ -520,7 +518,7 @@ def test_bfloat16_rules_compute_in_float32(name, engine, monkeypatch):
     monkeypatch.setattr(base, "stabilize", spy)
     monkeypatch.setattr(rules_module, "stabilize", spy)
     x = torch.randn(2, 3, 4, 6).to(torch.bfloat16).requires_grad_()
-    fn = ALL[name] if engine == "explicit" else _gradient_form(ALL[name])
+    fn = ALL[name] if engine == "explicit" else _gradient_form(ALL[name], base.EPSILON)
     y = fn(x)
     assert y.dtype == torch.bfloat16
     y.backward(torch.randn(y.shape).to(torch.bfloat16))

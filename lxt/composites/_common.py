@@ -88,6 +88,16 @@ def epsilon_rule(epsilon):
     return EpsilonRule if epsilon is None else EpsilonRule(epsilon)
 
 
+def rms_norm_module(module):
+    """RMSNorm modules -> :class:`lxt.modules.RMSNormIdentity` (sharing the weight; its gradient
+    form detaches the normaliser and keeps one number per row).  A module with an accelerate
+    hook (offloaded weights, loaded by the hook around its own forward) keeps its forward under
+    the identity rule instead."""
+    if getattr(module, "_hf_hook", None) is not None:
+        return IdentityRule()(module)
+    return lm.RMSNormIdentity.from_module(module)
+
+
 def layer_norm_module(epsilon):
     """LayerNorm modules -> :class:`lxt.modules.LayerNormEpsilon` (sharing the weights)."""
     if epsilon is None:

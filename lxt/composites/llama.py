@@ -14,10 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import functional as lf
-from .. import modules as lm
 from ..core.composite import Composite
 from ..rules import IdentityRule
-from ._common import arithmetic, attention_calls, epsilon_rule, gate_detached_mul
+from ._common import rms_norm_module, arithmetic, attention_calls, epsilon_rule, gate_detached_mul
 
 #: model_type -> (module path, RMSNorm class, MLP class)
 FAMILIES = {
@@ -39,7 +38,7 @@ def layer_map(cp: bool = False, model_type: str = "llama", epsilon=None) -> dict
     norm, mlp = _classes(model_type)
     table = {
         nn.Linear: epsilon_rule(epsilon),
-        norm: lm.RMSNormIdentity,
+        norm: rms_norm_module,
         nn.SiLU: IdentityRule,
         F.silu: lf.silu,
     }
