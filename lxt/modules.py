@@ -21,6 +21,7 @@ __all__ = [
     "GELUIdentity",
     "TanhIdentity",
     "ReLUIdentity",
+    "MoEExperts",
 ]
 
 
@@ -196,3 +197,81 @@ class ReLUIdentity(_ActivationIdentity):
 
     _fn = staticmethod(torch.nn.functional.relu)
     _replaces = (nn.ReLU,)
+
+
+class MoEExperts(LxtModule):
+    r"""The experts of a sparse mixture-of-experts layer (transformers 5 ``Qwen3MoeExperts``,
+    ``MixtralExperts``: ``gate_up_proj`` ``(E, 2I, H)``, ``down_proj`` ``(E, H, I)``,
+    ``act_fn``), same forward, with LRP rules inside.
+
+    Each routed token ``x`` gets ``y = sum_k w_k * down_k(act(gate_k(x)) * up_k(x))`` over its
+    top-k experts.  Rules: epsilon on the projections and on the sum over experts, identity
+    on the activation, uniform on ``act(gate) * up`` (AttnLRP Prop. 3.2).  The routing weight
+    ``w_k`` is a factor of a product too: AttnLRP splits ``w_k * expert_k(x)`` uniformly,
+    half of it through the router (linear, softmax, top-k: the rules of the table), exactly
+    as it treats attention weights times values; CP-LRP (``cp=True``) detaches the routing
+    weights and the gate branch, as it detaches attention weights, so all relevance goes
+    through the experts' value path.
+    """
+
+    def __init__(self, num_experts: int, cp: bool = False, epsilon: float = EPSILON):
+        super().__init__()
+        self.num_experts = num_experts
+        self.cp = cp
+        self.epsilon = epsilon
+
+    @classmethod
+    def from_module(cls, module: nn.Module, cp: bool = False, epsilon: float = EPSILON) -> "MoEExperts":
+        """Share ``module``'s expert weights (``gate_up_proj``, ``down_proj``) and
+        activation."""
+        name = type(module).__name__
+        missing = [a for a in ("gate_up_proj", "down_proj", "act_fn") if not hasattr(module, a)]
+        if missing:
+            raise TypeError(f"lxt: MoEExperts.from_module needs the transformers 5 experts layout "
+                            f"(gate_up_proj, down_proj, act_fn); {name} has no {', '.join(missing)}.")
+        extra = sorted(set(dict(module.named_parameters(recurse=False))) - {"gate_up_proj", "down_proj"})
+        if extra:
+            raise TypeError(f"lxt: MoEExperts supports experts without biases; {name} also has {extra}.")
+        # transformers' experts decorator states the layout; the default is ours
+        layout = {"is_transposed": False, "has_bias": False, "has_post_expert_norm": False,
+                  "has_gate": True, "is_concatenated": True}
+        odd = [f"{k}={getattr(module, k)!r}" for k, v in layout.items() if getattr(module, k, v) != v]
+        apply_gate = getattr(type(module), "_apply_gate", None)
+        if apply_gate is not None and getattr(apply_gate, "__name__", "") != "_default_apply_gate":
+            odd.append("its own _apply_gate")
+        if odd:
+            raise TypeError(f"lxt: MoEExperts supports experts computing act(gate) * up with "
+                            f"concatenated, untransposed weights and no bias; {name} has "
+                            f"{', '.join(odd)}.")
+        new = _adopt(cls, module, (nn.Module,), num_experts=int(module.gate_up_proj.shape[0]),
+                     cp=cp, epsilon=epsilon)
+        new.act_fn = module.act_fn
+        return new
+
+    def fake_forward(self, hidden_states, top_k_index, top_k_weights):
+        # shape propagation under TorchDynamo: the routing depends on the data
+        return hidden_states.clone()
+
+    def lrp_forward(self, hidden_states, top_k_index, top_k_weights):
+        eps = self.epsilon
+        out = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            mask = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()[:, 0].tolist()
+        weights = top_k_weights.detach() if self.cp else top_k_weights
+        for e in hit:
+            if e == self.num_experts:
+                continue
+            pos, tok = torch.where(mask[e])
+            gate, up = lf.linear_epsilon(hidden_states[tok], self.gate_up_proj[e], epsilon=eps).chunk(2, dim=-1)
+            act = lf.identity(self.act_fn, gate)
+            h = lf.mul2(act.detach() if self.cp else act, up)
+            y = lf.linear_epsilon(h, self.down_proj[e], epsilon=eps)
+            y = lf.mul2(y, weights[tok, pos, None]).to(out.dtype)
+            # the sum over experts: epsilon rule on each accumulation (same kernel and order
+            # as the in-place index_add_ of transformers, so the forward is bit-identical)
+            out = lf.index_add(out, 0, tok, y, epsilon=eps)
+        return out
+
+    def extra_repr(self):
+        return f"num_experts={self.num_experts}, cp={self.cp}"
