@@ -30,8 +30,19 @@ def model_type_of(model):
     return getattr(getattr(model, "config", None), "model_type", None)
 
 
+def _torchvision_vit(model) -> bool:
+    import sys
+
+    tv = sys.modules.get("torchvision.models.vision_transformer")  # imported if model is one
+    return tv is not None and isinstance(model, tv.VisionTransformer)
+
+
 def _family(model):
     model_type = model_type_of(model)
+    if model_type is None and _torchvision_vit(model):
+        from . import torchvision_vit
+
+        return torchvision_vit, "torchvision-vit"
     return REGISTRY.get(model_type), model_type
 
 

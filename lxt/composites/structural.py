@@ -3,7 +3,8 @@
 The table is read off the model: its linear-like layers (``nn.Linear``, convolutions,
 transformers' ``Conv1D``: epsilon), its normalisation modules (``nn.LayerNorm``: the LayerNorm
 rule; RMSNorm-like modules, recognised by name and checked to be a scale-invariant map of one
-tensor: identity on their own forward), its activation modules (identity), mixture-of-experts
+tensor: identity on their own forward), its activation modules (identity), ``nn.MultiheadAttention``
+(:class:`lxt.modules.MultiheadAttention`), mixture-of-experts
 layers in the transformers 5 layout (:class:`lxt.modules.MoEExperts`), plus the calls every
 table maps (attention, products, sums, divisions, activations, ``F.linear``,
 ``F.layer_norm``).
@@ -27,6 +28,7 @@ from torch import nn
 from .. import functional as lf
 from .. import modules as lm
 from ..core.composite import Composite
+from . import native
 from ._common import (activation_calls, arithmetic, attention_calls, epsilon_rule, identity_module,
                       layer_norm_module, linear_calls, python_activations, with_epsilon)
 
@@ -97,6 +99,7 @@ def layer_map(model: nn.Module, cp: bool = False, epsilon=None) -> dict:
     table = {nn.Linear: eps, nn.Conv1d: eps, nn.Conv2d: eps, nn.Conv3d: eps}
     table.update({t: eps for t in _conv1d_types()})
     table[nn.LayerNorm] = layer_norm_module(epsilon)
+    table[nn.MultiheadAttention] = native.multihead_attention(cp, epsilon)
     kinds = {}
     for module in model.modules():
         t = type(module)
