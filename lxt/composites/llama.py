@@ -27,7 +27,8 @@ from .. import modules as lm
 from ..core.composite import Composite
 from ..rules import IdentityRule
 from ._common import (activation_calls, arithmetic, attention_calls, detached_mul, epsilon_rule,
-                      identity_module, linear_calls, rms_norm_module)
+                      identity_module, layer_norm_module, linear_calls, python_activations,
+                      rms_norm_module)
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class Family:
     gate_position: int = 0  # which factor of the MLP's product is the gate
     one_plus_weight: bool = False  # Gemma: x / rms * (1 + w)
     experts: Optional[str] = None  # MoE experts class (transformers 5 layout)
+    vision: bool = False  # a vision tower too (LayerNorm, patch convolution, pooling, GELU)
 
 
 _M = "transformers.models.{0}.modeling_{0}"
@@ -58,6 +60,9 @@ FAMILIES = {
     "gemma": Family(_M.format("gemma"), "GemmaRMSNorm", "GemmaMLP", one_plus_weight=True),
     "gemma2": Family(_M.format("gemma2"), "Gemma2RMSNorm", "Gemma2MLP", one_plus_weight=True),
     "gemma3_text": Family(_M.format("gemma3"), "Gemma3RMSNorm", "Gemma3MLP", one_plus_weight=True),
+    # Gemma 3 with its SigLIP vision tower and projector (Gemma3ForConditionalGeneration)
+    "gemma3": Family(_M.format("gemma3"), "Gemma3RMSNorm", "Gemma3MLP", one_plus_weight=True,
+                     vision=True),
 }
 
 
@@ -96,6 +101,10 @@ def layer_map(cp: bool = False, model_type: str = "llama", epsilon=None) -> dict
         norm: identity_module if family.one_plus_weight else rms_norm_module,
         nn.SiLU: IdentityRule,
     }
+    if family.vision:
+        table.update({nn.LayerNorm: layer_norm_module(epsilon), nn.Conv2d: epsilon_rule(epsilon),
+                      nn.AvgPool2d: epsilon_rule(epsilon)})
+        table.update({cls: identity_module for cls in python_activations()})
     if family.experts is not None:
         experts = _class(family, family.experts, model_type)
         eps = {} if epsilon is None else {"epsilon": epsilon}
