@@ -34,7 +34,9 @@ Transformers, commit 2ab094b; sha256 pinned below) can be given with ``--upstrea
 FILE``: it is then loaded in the child as ``lxt.efficient.models.qwen3_moe`` on top of 2.1 (it
 imports only 2.1's ``patches`` and ``rules``) and compared like the others; the rows say so.
 A family whose table does not exist here yet is reported as "our table missing" and the script
-goes on.
+goes on (or, where lxt falls back to its structural table, compared and labelled so).
+``qwen3_moe_no_topk_norm`` is ``qwen3_moe`` without the renormalisation of the top-k routing
+weights (``norm_topk_prob=False``): it isolates the rule of that division.
 """
 from __future__ import annotations
 
@@ -76,6 +78,12 @@ FAMILIES = {
                                          moe_intermediate_size=32, norm_topk_prob=True,
                                          decoder_sparse_step=1, mlp_only_layers=[]),
                   "transformers.models.qwen3_moe.modeling_qwen3_moe", None),
+    # the same without the renormalisation of the top-k routing weights (isolates its rule)
+    "qwen3_moe_no_topk_norm": ("Qwen3MoeConfig", dict(COMMON, head_dim=16, num_experts=4,
+                                                      num_experts_per_tok=2, moe_intermediate_size=32,
+                                                      norm_topk_prob=False, decoder_sparse_step=1,
+                                                      mlp_only_layers=[]),
+                               "transformers.models.qwen3_moe.modeling_qwen3_moe", None),
     "gemma3_text": ("Gemma3TextConfig", GEMMA3_TEXT, "transformers.models.gemma3.modeling_gemma3", "gemma3"),
     # the multimodal class (Gemma3ForConditionalGeneration; gemma-3-4b and larger), text input
     # only; a one-layer SigLIP tower that the text path does not use
@@ -162,7 +170,7 @@ def child(args) -> int:
             maps["attnlrp"] = get_default_map(modeling)
             if hasattr(model_file, "cp_LRP"):
                 maps["cp-lrp"] = model_file.cp_LRP
-        elif family == "qwen3_moe" and spec.get("upstream_qwen3_moe"):
+        elif family.startswith("qwen3_moe") and spec.get("upstream_qwen3_moe"):
             name = "lxt.efficient.models.qwen3_moe"
             loader = importlib.util.spec_from_file_location(name, spec["upstream_qwen3_moe"])
             upstream = importlib.util.module_from_spec(loader)
@@ -232,11 +240,16 @@ def ours(family, folder, ids, attn, engines) -> dict:
     model = load(folder, attn)
     x, target, logit = backward_from_logit(model, ids)
     rows = {"input_x_grad": {"target": target, "logit": logit, "relevance": (x * x.grad).sum(-1)[0].tolist()}}
+    # a model_type without a table: older lxt raises, newer lxt falls back to its structural
+    # table (with a warning); that one is compared too, and labelled
+    table = model.config.model_type if model.config.model_type in lxt.composites.REGISTRY else "structural"
     for method, factory in (("attnlrp", lxt.composites.attnlrp), ("cp-lrp", lxt.composites.cp_lrp)):
         for engine in engines:
             key = method if engine == "gradient" else f"{method}/{engine}"
             try:
-                comp = factory(model, engine=engine)
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", "lxt: no table for", UserWarning)
+                    comp = factory(model, engine=engine)
             except ValueError as err:
                 if "no composite for model_type" not in str(err):
                     raise
@@ -247,7 +260,7 @@ def ours(family, folder, ids, attn, engines) -> dict:
                 x, t, logit = backward_from_logit(model, ids, target, lrp=True)
             finally:
                 comp.remove()
-            rows[key] = {"target": t, "logit": logit, "relevance": x.grad.sum(-1)[0].tolist()}
+            rows[key] = {"table": table, "target": t, "logit": logit, "relevance": x.grad.sum(-1)[0].tolist()}
     return rows
 
 
@@ -305,14 +318,14 @@ def main(argv=None) -> int:
         theirs = json.loads(Path(spec["out"]).read_text())
     print(f"ours vs published lxt {pub.VERSION} efficient mode; tiny random float32 models, "
           f"{TOKENS} tokens, attn={args.attn}; r = per-token Pearson")
-    print(f"{'family':12s} {'method':20s} {'r':>10s} {'ours sum/logit':>15s} {'publ sum/logit':>15s} "
+    print(f"{'family':22s} {'method':20s} {'r':>10s} {'ours sum/logit':>15s} {'publ sum/logit':>15s} "
           f"{'max|d|/max|R|':>14s} {'r(x*grad)':>10s}")
     for family in args.families:
         fam = {"ids": spec["families"][family]["ids"], "ours": mine[family],
                "published": theirs["families"][family], "comparison": {}}
         results["families"][family] = fam
         if "unsupported" in fam["published"]:
-            print(f"{family:12s} {'-':20s} {fam['published']['unsupported']}")
+            print(f"{family:22s} {'-':20s} {fam['published']['unsupported']}")
             continue
         for key, row in mine[family].items():
             if key == "input_x_grad":
@@ -322,23 +335,26 @@ def main(argv=None) -> int:
                 other = fam["published"].get(method, {})
                 if "relevance" in other and "/" not in key:
                     plain = mine[family]["input_x_grad"]["relevance"]
-                    print(f"{family:12s} {key:20s} {row['missing']}; published sum/logit "
+                    print(f"{family:22s} {key:20s} {row['missing']}; published sum/logit "
                           f"{sum(other['relevance']) / other['logit']:.4f}, r(published, x*grad) "
                           f"{pearson(other['relevance'], plain):.4f}")
                 continue
             other = fam["published"].get(method)
             if other is None:
-                print(f"{family:12s} {key:20s} published has no {method} map for this family")
+                print(f"{family:22s} {key:20s} published has no {method} map for this family")
                 continue
             if "error" in other:
-                print(f"{family:12s} {key:20s} published failed: {other['error']}")
+                print(f"{family:22s} {key:20s} published failed: {other['error']}")
                 continue
             c = compare(row, other, mine[family]["input_x_grad"])
             c["published_source"] = other["source"]
+            c["our_table"] = row["table"]
             fam["comparison"][key] = c
-            print(f"{family:12s} {key:20s} {c['r']:10.6f} {c['ours_sum_over_logit']:15.4f} "
+            print(f"{family:22s} {key:20s} {c['r']:10.6f} {c['ours_sum_over_logit']:15.4f} "
                   f"{c['published_sum_over_logit']:15.4f} {c['max_abs_diff_rel']:14.2e} "
-                  f"{c['r_ours_vs_input_x_grad']:10.4f}" + ("" if c["same_target"] else "  TARGETS DIFFER"))
+                  f"{c['r_ours_vs_input_x_grad']:10.4f}" + ("" if c["same_target"] else "  TARGETS DIFFER")
+                  + ("  (our structural table)" if row["table"] == "structural" else "")
+                  + ("" if other["source"].startswith("lxt") else f"  (published: {other['source']})"))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2))
