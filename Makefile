@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.lxt-installed
 
-.PHONY: setup test test-fast test-compat demo bench clean
+.PHONY: setup test test-fast test-compat test-vision demo bench clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,18 @@ test-compat: $(COMPAT)/.lxt-installed
 		tests/test_functional.py tests/test_rules.py tests/test_modules.py tests/test_explicit.py \
 		tests/test_published_lxt.py
 
+# torchvision's ViT (nn.MultiheadAttention) in its own environment: torchvision needs the torch
+# it was built against (2.14.1 here), not the pinned CPU build of the main environment
+VISION := .venv-vision
+$(VISION)/.lxt-installed: pyproject.toml requirements-vision.txt
+	test -x $(VISION)/bin/python || $(PYTHON) -m venv $(VISION)
+	$(VISION)/bin/python -m pip install -q --disable-pip-version-check -r requirements-vision.txt
+	$(VISION)/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
+	touch $@
+
+test-vision: $(VISION)/.lxt-installed
+	$(VISION)/bin/python -m pytest -q tests/test_torchvision.py tests/test_multihead_attention.py
+
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
@@ -40,4 +52,4 @@ demo: $(STAMP)
 	$(VENV)/bin/lxt explain "The capital of France is" --html out/demo.html --png out/demo.png
 
 clean:
-	rm -rf $(VENV) $(COMPAT) build *.egg-info
+	rm -rf $(VENV) $(COMPAT) $(VISION) build *.egg-info

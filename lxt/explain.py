@@ -549,7 +549,7 @@ def _explain_image(model, pixel_values, target, method, steps, layers, composite
     store: dict = {}
     with _patched(model, method, composite), _latent_hooks(model, layers, store):
         def run(x):
-            logits = model(pixel_values=x).logits
+            logits = _image_logits(model, x)
             tid = int(logits[0].argmax()) if target is None else target
             if not 0 <= tid < logits.shape[-1]:
                 raise ValueError(f"lxt: target class {tid} is outside 0..{logits.shape[-1] - 1}.")
@@ -578,6 +578,21 @@ def _explain_image(model, pixel_values, target, method, steps, layers, composite
     return Explanation(tokens=None, relevance=per_pixel.detach().cpu(), target=tid, target_id=tid,
                        logit=float(v.detach()), method=method, latent={k: v_[0] for k, v_ in store.items()},
                        image=pixel_values[0].detach().float().cpu())
+
+
+def _image_logits(model, x):
+    """Logits ``(1, classes)`` of an image model: a HuggingFace model (``pixel_values=``,
+    ``.logits``) or a plain ``nn.Module`` taking the image tensor and returning logits
+    (torchvision)."""
+    if _accepts(model, "pixel_values"):
+        out = model(pixel_values=x)
+    else:
+        out = model(x)
+    logits = getattr(out, "logits", out)
+    if not isinstance(logits, Tensor) or logits.dim() != 2:
+        raise TypeError(f"lxt: {type(model).__name__} returned {type(out).__name__}; explain needs "
+                        "logits (batch, classes), or an output with .logits.")
+    return logits
 
 
 # ---------------------------------------------------------------------- arguments
@@ -632,7 +647,8 @@ def _check_image_input(model, inputs: Tensor) -> None:
     if not inputs.is_floating_point():
         raise TypeError(f"lxt: inputs is a {inputs.dtype} tensor: for text give the prompt as a "
                         "string (explain tokenizes it); for images give float pixel_values.")
-    if not _accepts(model, "pixel_values"):
+    plain = getattr(model, "config", None) is None  # a plain nn.Module (torchvision): model(image)
+    if not plain and not _accepts(model, "pixel_values"):
         raise TypeError(f"lxt: {type(model).__name__} takes no pixel_values: a tensor input is an "
                         "image; for text give the prompt as a string.")
 
@@ -663,7 +679,9 @@ def explain(model: nn.Module, tokenizer=None, inputs=None, *, target=None, contr
     ----------
     model : nn.Module
         A stock HuggingFace model (causal LM, masked LM, sequence classifier, or image
-        classifier).  It is patched only during the call and left exactly as it was.
+        classifier), or a plain ``nn.Module`` image classifier called as ``model(image)``
+        and returning logits (torchvision; pass its ``composite=`` if
+        ``lxt.composites.attnlrp(model)`` has no table for it).  It is patched only during the call and left exactly as it was.
     tokenizer : tokenizer or image processor or None
         The model's tokenizer (text).  For images pass ``None`` (or the image processor,
         unused: give already processed ``pixel_values``).

@@ -40,6 +40,7 @@ __all__ = [
     "add2",
     "softmax",
     "mul2",
+    "index_add",
     "div",
     "div_const",
     "matmul",
@@ -116,6 +117,15 @@ def add2(input, other, *, alpha=1, epsilon: float = EPSILON) -> Tensor:
     share like a bias."""
     fn, kwargs = (operator.add, {}) if alpha == 1 else (torch.add, {"alpha": alpha})
     return _epsilon_rule(epsilon).apply_at(fn, (input, other), kwargs, _tensors(input, other))
+
+
+def index_add(input: Tensor, dim: int, index: Tensor, source: Tensor, *, alpha=1,
+              epsilon: float = EPSILON) -> Tensor:
+    r"""``torch.index_add`` (out of place) with the epsilon rule: each output row is a sum of
+    ``input``'s row and the ``source`` rows added to it, ``R_a = a R / stab(sum)``."""
+    kwargs = {} if alpha == 1 else {"alpha": alpha}
+    return _epsilon_rule(epsilon).apply_at(torch.index_add, (input, dim, index, source), kwargs,
+                                           _tensors(input, None, None, source))
 
 
 def mul2(input, other) -> Tensor:

@@ -5,8 +5,10 @@ parameters, and calls the matching :mod:`lxt.functional` rule.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from . import functional as lf
 from .core.opaque import LxtModule
@@ -21,6 +23,8 @@ __all__ = [
     "GELUIdentity",
     "TanhIdentity",
     "ReLUIdentity",
+    "MoEExperts",
+    "MultiheadAttention",
 ]
 
 
@@ -196,3 +200,252 @@ class ReLUIdentity(_ActivationIdentity):
 
     _fn = staticmethod(torch.nn.functional.relu)
     _replaces = (nn.ReLU,)
+
+
+class MoEExperts(LxtModule):
+    r"""The experts of a sparse mixture-of-experts layer (transformers 5 ``Qwen3MoeExperts``,
+    ``MixtralExperts``: ``gate_up_proj`` ``(E, 2I, H)``, ``down_proj`` ``(E, H, I)``,
+    ``act_fn``), same forward, with LRP rules inside.
+
+    Each routed token ``x`` gets ``y = sum_k w_k * down_k(act(gate_k(x)) * up_k(x))`` over its
+    top-k experts.  Rules: epsilon on the projections and on the sum over experts, identity
+    on the activation, uniform on ``act(gate) * up`` (AttnLRP Prop. 3.2).  The routing weight
+    ``w_k`` is a factor of a product too: AttnLRP splits ``w_k * expert_k(x)`` uniformly,
+    half of it through the router (linear, softmax, top-k: the rules of the table), exactly
+    as it treats attention weights times values; CP-LRP (``cp=True``) detaches the routing
+    weights and the gate branch, as it detaches attention weights, so all relevance goes
+    through the experts' value path.
+    """
+
+    def __init__(self, num_experts: int, cp: bool = False, epsilon: float = EPSILON):
+        super().__init__()
+        self.num_experts = num_experts
+        self.cp = cp
+        self.epsilon = epsilon
+
+    @classmethod
+    def from_module(cls, module: nn.Module, cp: bool = False, epsilon: float = EPSILON) -> "MoEExperts":
+        """Share ``module``'s expert weights (``gate_up_proj``, ``down_proj``) and
+        activation."""
+        name = type(module).__name__
+        missing = [a for a in ("gate_up_proj", "down_proj", "act_fn") if not hasattr(module, a)]
+        if missing:
+            raise TypeError(f"lxt: MoEExperts.from_module needs the transformers 5 experts layout "
+                            f"(gate_up_proj, down_proj, act_fn); {name} has no {', '.join(missing)}.")
+        extra = sorted(set(dict(module.named_parameters(recurse=False))) - {"gate_up_proj", "down_proj"})
+        if extra:
+            raise TypeError(f"lxt: MoEExperts supports experts without biases; {name} also has {extra}.")
+        # transformers' experts decorator states the layout; the default is ours
+        layout = {"is_transposed": False, "has_bias": False, "has_post_expert_norm": False,
+                  "has_gate": True, "is_concatenated": True}
+        odd = [f"{k}={getattr(module, k)!r}" for k, v in layout.items() if getattr(module, k, v) != v]
+        apply_gate = getattr(type(module), "_apply_gate", None)
+        if apply_gate is not None and getattr(apply_gate, "__name__", "") != "_default_apply_gate":
+            odd.append("its own _apply_gate")
+        if odd:
+            raise TypeError(f"lxt: MoEExperts supports experts computing act(gate) * up with "
+                            f"concatenated, untransposed weights and no bias; {name} has "
+                            f"{', '.join(odd)}.")
+        new = _adopt(cls, module, (nn.Module,), num_experts=int(module.gate_up_proj.shape[0]),
+                     cp=cp, epsilon=epsilon)
+        new.act_fn = module.act_fn
+        return new
+
+    def fake_forward(self, hidden_states, top_k_index, top_k_weights):
+        # shape propagation under TorchDynamo: the routing depends on the data
+        return hidden_states.clone()
+
+    def lrp_forward(self, hidden_states, top_k_index, top_k_weights):
+        eps = self.epsilon
+        out = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            mask = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()[:, 0].tolist()
+        weights = top_k_weights.detach() if self.cp else top_k_weights
+        for e in hit:
+            if e == self.num_experts:
+                continue
+            pos, tok = torch.where(mask[e])
+            gate, up = lf.linear_epsilon(hidden_states[tok], self.gate_up_proj[e], epsilon=eps).chunk(2, dim=-1)
+            act = lf.identity(self.act_fn, gate)
+            h = lf.mul2(act.detach() if self.cp else act, up)
+            y = lf.linear_epsilon(h, self.down_proj[e], epsilon=eps)
+            y = lf.mul2(y, weights[tok, pos, None]).to(out.dtype)
+            # the sum over experts: epsilon rule on each accumulation (same kernel and order
+            # as the in-place index_add_ of transformers, so the forward is bit-identical)
+            out = lf.index_add(out, 0, tok, y, epsilon=eps)
+        return out
+
+    def extra_repr(self):
+        return f"num_experts={self.num_experts}, cp={self.cp}"
+def _additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A boolean mask (True = may not attend) as an additive float mask (``-inf`` there), as
+    ``nn.MultiheadAttention`` converts it; a float mask as given."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+    if not mask.is_floating_point():
+        raise TypeError(f"lxt: MultiheadAttention masks are boolean or float, got {mask.dtype}.")
+    return mask
+
+
+class MultiheadAttention(LxtModule, nn.MultiheadAttention):
+    r"""``nn.MultiheadAttention`` with AttnLRP (or CP-LRP) attention.
+
+    The forward is ``nn.MultiheadAttention``'s (same arguments, same outputs to float
+    round-off); the rules are the epsilon rule (AttnLRP Eq. 8, :func:`lxt.functional.linear_epsilon`)
+    on the in- and out-projections, and :func:`lxt.functional.scaled_dot_product_attention`
+    (AttnLRP: matmul Prop. 3.3 -> softmax Prop. 3.1 -> matmul Prop. 3.3) or, with ``cp=True``,
+    :func:`lxt.functional.scaled_dot_product_attention_cp` (CP-LRP, Ali et al. 2022: the
+    attention weights are constants, relevance flows through the values only) on the
+    attention.  torch's fused inference path (``torch._native_multi_head_attention``) is never
+    taken: the attention always runs through the rule.
+
+    Build it with :meth:`from_module`; it shares (does not copy) the original's parameters and
+    its ``out_proj`` module.  Supported: ``batch_first`` both ways, unbatched inputs, packed
+    (``in_proj_weight``) and separate (``kdim`` / ``vdim``) projection weights, biases,
+    ``add_bias_kv`` and ``add_zero_attn`` (their keys and values are constants: their share
+    of relevance is absorbed like a bias's), ``key_padding_mask`` and ``attn_mask`` (boolean
+    or float), ``is_causal``.  Dropout only in eval mode (or with ``dropout=0``).
+
+    ``need_weights=True`` returns the attention weights too, computed the plain way and
+    detached: they are not on the relevance path (nothing that uses them receives relevance
+    through them).
+
+    Parameters
+    ----------
+    cp : bool
+        CP-LRP attention instead of AttnLRP.
+    epsilon : float
+        Stabiliser of the projections and the attention rule, default :data:`lxt.rules.EPSILON`.
+    """
+
+    @classmethod
+    def from_module(cls, module: nn.MultiheadAttention, cp: bool = False,
+                    epsilon: Optional[float] = None) -> "MultiheadAttention":
+        """Share ``module``'s parameters (and its ``out_proj``)."""
+        _check(cls, module, (nn.MultiheadAttention,))
+        attrs = {k: getattr(module, k) for k in (
+            "embed_dim", "kdim", "vdim", "_qkv_same_embed_dim", "num_heads", "dropout",
+            "batch_first", "head_dim", "add_zero_attn")}
+        new = _adopt(cls, module, (nn.MultiheadAttention,), cp=bool(cp),
+                     epsilon=EPSILON if epsilon is None else float(epsilon), **attrs)
+        for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight",
+                     "in_proj_bias", "bias_k", "bias_v"):
+            if name not in new._parameters:
+                new.register_parameter(name, None)
+        new.out_proj = module.out_proj
+        return new
+
+    def extra_repr(self):
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
+                f"batch_first={self.batch_first}, cp={self.cp}, epsilon={self.epsilon}")
+
+    def lrp_forward(self, query: Tensor, key: Tensor, value: Tensor,
+                    key_padding_mask: Optional[Tensor] = None, need_weights: bool = True,
+                    attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
+                    is_causal: bool = False):
+        if self.training and self.dropout > 0:
+            raise RuntimeError(
+                f"lxt: MultiheadAttention with dropout={self.dropout} in training mode: its "
+                "random attention dropout has no LRP rule here. Call model.eval() first.")
+        if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
+            raise ValueError(
+                f"lxt: MultiheadAttention takes 2-D (unbatched) or 3-D query, key and value, got "
+                f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}.")
+        if is_causal and attn_mask is None:
+            raise RuntimeError("lxt: MultiheadAttention(is_causal=True) needs the causal mask as "
+                               "attn_mask too (as nn.MultiheadAttention does).")
+        batched = query.dim() == 3
+        q_in, k_in, v_in = query, key, value
+        if not batched:
+            q_in, k_in, v_in = (t.unsqueeze(0) for t in (query, key, value))
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:
+            q_in, k_in, v_in = (t.transpose(0, 1) for t in (query, key, value))
+        if query is key and key is value:  # self-attention: one packed projection, as torch
+            q_in = k_in = v_in
+        q, k, v = self._project(q_in, k_in, v_in)
+        n, tgt, _ = q.shape
+        h, d = self.num_heads, self.head_dim
+        mask, causal = self._mask(attn_mask, key_padding_mask, need_weights, is_causal, n, tgt,
+                                  k.shape[1], q.dtype)
+        if self.bias_k is not None and self.bias_v is not None:
+            k = torch.cat([k, self.bias_k.expand(n, 1, -1)], dim=1)
+            v = torch.cat([v, self.bias_v.expand(n, 1, -1)], dim=1)
+        q, k, v = (t.unflatten(-1, (h, d)).transpose(1, 2) for t in (q, k, v))
+        if self.add_zero_attn:
+            zeros = torch.zeros((n, h, 1, d), dtype=k.dtype, device=k.device)
+            k, v = torch.cat([k, zeros], dim=2), torch.cat([v, zeros], dim=2)
+        attention = lf.scaled_dot_product_attention_cp if self.cp else lf.scaled_dot_product_attention
+        out = attention(q, k, v, attn_mask=mask, is_causal=causal, epsilon=self.epsilon)
+        out = out.transpose(1, 2).flatten(-2)
+        out = lf.linear_epsilon(out, self.out_proj.weight, self.out_proj.bias, self.epsilon)
+        if not batched:
+            out = out.squeeze(0)
+        elif not self.batch_first:
+            out = out.transpose(0, 1)
+        weights = None
+        if need_weights:
+            weights = self._weights(q, k, mask, average_attn_weights, batched)
+        return out, weights
+
+    def _project(self, query, key, value):
+        """q, k, v projections, each ``(batch, seq, embed_dim)`` (epsilon rule)."""
+        eps, b = self.epsilon, self.in_proj_bias
+        bq, bk, bv = (None, None, None) if b is None else b.chunk(3)
+        if not self._qkv_same_embed_dim:
+            return (lf.linear_epsilon(query, self.q_proj_weight, bq, eps),
+                    lf.linear_epsilon(key, self.k_proj_weight, bk, eps),
+                    lf.linear_epsilon(value, self.v_proj_weight, bv, eps))
+        if query is key and key is value:
+            return lf.linear_epsilon(query, self.in_proj_weight, b, eps).chunk(3, dim=-1)
+        wq, wk, wv = self.in_proj_weight.chunk(3)
+        return (lf.linear_epsilon(query, wq, bq, eps), lf.linear_epsilon(key, wk, bk, eps),
+                lf.linear_epsilon(value, wv, bv, eps))
+
+    def _mask(self, attn_mask, key_padding_mask, need_weights, is_causal, n, tgt, src, dtype):
+        """The additive mask ``(n or 1, heads or 1, tgt, src')`` for the attention (``src'``
+        counts the bias / zero keys), and whether the attention is causal instead."""
+        if is_causal and key_padding_mask is None and not need_weights:
+            return None, True  # torch hands the causal hint to its attention
+        extra = int(self.bias_k is not None) + int(self.add_zero_attn)
+        mask = None
+        if attn_mask is not None:
+            mask = _additive_mask(attn_mask, dtype)
+            if mask.dim() == 2:
+                if mask.shape != (tgt, src):
+                    raise ValueError(f"lxt: the 2-D attn_mask is {tuple(mask.shape)}, but should be "
+                                     f"{(tgt, src)}.")
+                mask = mask.view(1, 1, tgt, src)
+            elif mask.dim() == 3:
+                expected = (n * self.num_heads, tgt, src)
+                if mask.shape != expected:
+                    raise ValueError(f"lxt: the 3-D attn_mask is {tuple(mask.shape)}, but should be "
+                                     f"{expected} (batch * heads, target, source).")
+                mask = mask.view(n, self.num_heads, tgt, src)
+            else:
+                raise ValueError(f"lxt: attn_mask must be 2-D or 3-D, got {mask.dim()}-D.")
+            if extra:
+                mask = torch.nn.functional.pad(mask, (0, extra))
+        if key_padding_mask is not None:
+            if tuple(key_padding_mask.shape) != (n, src):
+                raise ValueError(f"lxt: key_padding_mask is {tuple(key_padding_mask.shape)}, but "
+                                 f"should be {(n, src)} (batch, source).")
+            pad = _additive_mask(key_padding_mask, dtype)
+            if extra:
+                pad = torch.nn.functional.pad(pad, (0, extra))
+            pad = pad.view(n, 1, 1, src + extra)
+            mask = pad if mask is None else mask + pad
+        return mask, False
+
+    @torch.no_grad()
+    def _weights(self, q, k, mask, average, batched):
+        """The attention weights ``softmax(q k^T / sqrt(d) + mask)`` (plain, detached)."""
+        scores = (q * (1.0 / self.head_dim) ** 0.5) @ k.transpose(-2, -1)
+        if mask is not None:
+            scores = scores + mask
+        weights = scores.softmax(-1)
+        if average:
+            weights = weights.mean(dim=1)
+        return weights if batched else weights.squeeze(0)

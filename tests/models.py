@@ -66,3 +66,52 @@ def tiny_tokenizer(vocab_size=101, words=WORDS, lowercase=False):
         tok.normalizer = normalizers.Lowercase()
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
                                    eos_token="[EOS]", mask_token="[MASK]")
+
+
+#: tiny configurations per model_type (AutoConfig.for_model keyword arguments)
+_DECODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=101, max_position_embeddings=64, head_dim=8,
+                bos_token_id=1, eos_token_id=2, pad_token_id=0)
+FAMILY_CONFIGS = {
+    "qwen3": dict(_DECODER),
+    "qwen3_moe": dict(_DECODER, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                      norm_topk_prob=True),
+    "mixtral": dict(_DECODER, num_local_experts=4, num_experts_per_tok=2),
+    "phi3": {k: v for k, v in _DECODER.items() if k != "head_dim"},
+    "gemma": dict(_DECODER),
+    "gemma2": dict(_DECODER, sliding_window=4, query_pre_attn_scalar=8),
+    "gemma3_text": dict(_DECODER, sliding_window=4, query_pre_attn_scalar=8),
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=4, vocab_size=101, n_positions=64),
+    "roberta": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    vocab_size=101, max_position_embeddings=70, pad_token_id=1),
+    "distilbert": dict(dim=32, hidden_dim=64, n_layers=2, n_heads=4, vocab_size=101,
+                       max_position_embeddings=64),
+    "deit": dict(image_size=16, patch_size=4, num_channels=3, hidden_size=32, intermediate_size=64,
+                 num_hidden_layers=2, num_attention_heads=4, num_labels=3),
+}
+
+
+def tiny_family(model_type, cls, attn="sdpa", dtype=torch.float32, seed=0, **kw):
+    """A stock ``cls`` (e.g. ``transformers.Qwen3ForCausalLM``) with the tiny configuration of
+    ``model_type`` (MoE experts run transformers' eager loop, so float64 works)."""
+    from transformers import AutoConfig
+
+    torch.manual_seed(seed)
+    options = dict(FAMILY_CONFIGS[model_type])
+    options.update(kw)
+    cfg = AutoConfig.for_model(model_type, **options)
+    cfg._attn_implementation = attn
+    if hasattr(cfg, "_experts_implementation"):
+        cfg._experts_implementation = "eager"
+    return cls(cfg).to(dtype).eval()
+
+
+def zero_position_embeddings(model):
+    """Learned position / token-type embeddings set to 0 (constants that absorb relevance like
+    biases; conservation tests remove them with the biases)."""
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Embedding) and any(
+                    k in name for k in ("position", "token_type", "wpe")):
+                module.weight.zero_()
+    return model

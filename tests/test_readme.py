@@ -46,7 +46,7 @@ def stand_ins(monkeypatch, tmp_path):
 
 def test_readme_python_blocks_run(stand_ins, capsys):
     code = blocks("python")
-    assert len(code) == 5, "README.md python blocks changed: update this test"
+    assert len(code) == 6, "README.md python blocks changed: update this test"
     namespace = {"__name__": "readme"}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -54,6 +54,9 @@ def test_readme_python_blocks_run(stand_ins, capsys):
             exec(compile(block, f"README.md python block {i + 1}", "exec"), namespace)
             if i == 1:  # the composite example: per-token relevance of "The capital of France is"
                 assert namespace["relevance"].shape == (1, 5)
+            if i == 3:  # nn.MultiheadAttention in a hand-written model
+                assert namespace["token_relevance"].shape == (1, 8)
+                assert "forward" not in namespace["encoder"].__dict__
     lxt_warnings = [str(w.message) for w in caught if str(w.message).startswith("lxt:")]
     assert not lxt_warnings, lxt_warnings  # e.g. no operation left without a rule
     out = capsys.readouterr().out

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface, LlamaForSequenceClassification
+from transformers import activations as _hf_activations
 from transformers.activations import GELUActivation, SiLUActivation
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
@@ -71,14 +72,19 @@ def identity_grad(f, x):
 
 
 def _rms_norm_std_detached(norm):
-    """``x * rsqrt(mean(x^2) + eps).detach() * w``.  HF computes the statistics in float32;
-    so does this for float32 / bfloat16 inputs.  A float64 input stays in float64 (HF
-    would round it to float32 and back; the forward check below bounds the difference)."""
+    """``x * rsqrt(mean(x^2) + eps).detach() * w`` (Gemma: ``* (1 + w)``).  HF computes the
+    statistics in float32; so does this for float32 / bfloat16 inputs.  A float64 input stays
+    in float64 (HF would round it to float32 and back; the forward check below bounds the
+    difference)."""
+    gemma = type(norm).__name__.startswith("Gemma")
+    eps = norm.eps if gemma else norm.variance_epsilon
 
     def forward(x):
         dtype = x.dtype
         h = x if dtype == torch.float64 else x.to(torch.float32)
-        inv_std = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon).detach()
+        inv_std = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps).detach()
+        if gemma:
+            return (h * inv_std * (1.0 + norm.weight.to(h.dtype))).to(dtype)
         return norm.weight * (h * inv_std).to(dtype)
 
     return forward
@@ -110,6 +116,80 @@ def _gated_mlp(mlp, cp):
         if cp:
             return mlp.down_proj(gate.detach() * up)
         return mlp.down_proj(scale_grad(gate, 0.5) * scale_grad(up, 0.5))
+
+    return forward
+
+
+def _fused_gated_mlp(mlp, cp):
+    """Phi-3 MLP ``down(up * act(gate))`` with one fused ``gate_up_proj``."""
+
+    def forward(x):
+        gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)
+        gate = mlp.activation_fn(gate)
+        if cp:
+            return mlp.down_proj(up * gate.detach())
+        return mlp.down_proj(scale_grad(up, 0.5) * scale_grad(gate, 0.5))
+
+    return forward
+
+
+def _experts(experts, cp):
+    """transformers 5 MoE experts, the loop of its eager implementation written out: uniform
+    rule on ``act(gate) * up`` and on ``routing weight * expert output`` (AttnLRP), or the
+    gate branch and the routing weights detached (CP-LRP); the sum over experts keeps its
+    plain gradient (epsilon -> 0)."""
+
+    def forward(hidden, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden)
+        for e in range(experts.gate_up_proj.shape[0]):
+            token, pos = torch.where(top_k_index == e)
+            if token.numel() == 0:
+                continue
+            gate, up = F.linear(hidden[token], experts.gate_up_proj[e]).chunk(2, dim=-1)
+            gate = experts.act_fn(gate)
+            w = top_k_weights[token, pos, None]
+            if cp:
+                y = F.linear(gate.detach() * up, experts.down_proj[e]) * w.detach()
+            else:
+                h = scale_grad(gate, 0.5) * scale_grad(up, 0.5)
+                y = scale_grad(F.linear(h, experts.down_proj[e]), 0.5) * scale_grad(w, 0.5)
+            out = out.index_add(0, token, y)
+        return out
+
+    return forward
+
+
+def _router(router):
+    """A top-k router: linear, softmax (its plain gradient is the DTD rule), top-k, and the
+    renormalisation ``w / sum(w)`` with the sum detached (lxt's division rule)."""
+
+    def forward(hidden):
+        hidden = hidden.reshape(-1, router.hidden_dim)
+        logits = F.linear(hidden, router.weight)
+        probs = F.softmax(logits, dim=-1, dtype=torch.float)
+        top, index = torch.topk(probs, router.top_k, dim=-1)
+        if getattr(router, "norm_topk_prob", True):
+            top = top / top.sum(dim=-1, keepdim=True).detach()
+        return logits, top.to(logits.dtype), index
+
+    return forward
+
+
+def _roberta_lm_head(head):
+    """``decoder(layer_norm(gelu(dense(x))))`` with the identity rule on the GELU."""
+
+    def forward(features, **kwargs):
+        x = identity_grad(F.gelu, head.dense(features))
+        return head.decoder(head.layer_norm(x))
+
+    return forward
+
+
+def _roberta_classification_head(head):
+    """``out_proj(tanh(dense(x[:, 0])))`` with the identity rule on the tanh."""
+
+    def forward(features, **kwargs):
+        return head.out_proj(identity_grad(torch.tanh, head.dense(features[:, 0, :])))
 
     return forward
 
@@ -153,11 +233,15 @@ def _reference_attention_registered():
         AttentionMaskInterface._global_mapping.pop(name, None)
 
 
-_ACTIVATIONS = (nn.SiLU, nn.GELU, nn.Tanh, SiLUActivation, GELUActivation)
+_ACTIVATIONS = (nn.SiLU, nn.GELU, nn.Tanh, nn.ReLU, SiLUActivation, GELUActivation) + tuple(
+    getattr(_hf_activations, n) for n in ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation")
+    if hasattr(_hf_activations, n))
 
 
-def reference_model(model, cp=False):
-    """A patched deep copy of ``model`` whose gradient, times the input, is the relevance."""
+def reference_model(model, cp=False, cp_mlp=None):
+    """A patched deep copy of ``model`` whose gradient, times the input, is the relevance
+    (``cp_mlp=False``: CP-LRP attention with the uniform rule on gated MLPs)."""
+    cp_mlp = cp if cp_mlp is None else cp_mlp
     ref = copy.deepcopy(model)
     kernel = ref.config._attn_implementation
     assert kernel in ("sdpa", "eager"), kernel
@@ -175,7 +259,17 @@ def reference_model(model, cp=False):
             module.forward = _rms_norm_std_detached(module)
             counts["norm"] += 1
         elif hasattr(module, "gate_proj") and hasattr(module, "up_proj"):
-            module.forward = _gated_mlp(module, cp)
+            module.forward = _gated_mlp(module, cp_mlp)
+        elif hasattr(module, "gate_up_proj") and isinstance(module.gate_up_proj, nn.Linear):
+            module.forward = _fused_gated_mlp(module, cp_mlp)
+        elif isinstance(getattr(module, "gate_up_proj", None), nn.Parameter):
+            module.forward = _experts(module, cp)
+        elif type(module).__name__.endswith("TopKRouter"):
+            module.forward = _router(module)
+        elif type(module).__name__ == "RobertaLMHead":  # gelu is a function there
+            module.forward = _roberta_lm_head(module)
+        elif type(module).__name__ == "RobertaClassificationHead":  # and tanh here
+            module.forward = _roberta_classification_head(module)
     assert counts["act"] and counts["norm"], counts
     for p in ref.parameters():
         p.requires_grad_(False)

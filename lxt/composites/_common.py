@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from .. import functional as lf
 from .. import modules as lm
+from ..core.opaque import LxtModule
 from ..rules import EpsilonRule, IdentityRule
 
 
@@ -17,15 +18,6 @@ def detached_softmax(input, dim=None, _stacklevel=3, dtype=None):
 
 
 detached_softmax.lxt_constant_args = (0, "input")
-
-
-def gate_detached_mul(gate, up):
-    """CP-LRP gated MLP: ``act(gate(x)) * up(x)`` with the gate branch detached, so relevance
-    goes through the up projection (identity rule on the product)."""
-    return lf.mul2(gate.detach(), up)
-
-
-gate_detached_mul.lxt_constant_args = (0, "gate")
 
 
 def with_epsilon(fn, epsilon):
@@ -105,3 +97,55 @@ def layer_norm_module(epsilon):
     factory = lambda module: lm.LayerNormEpsilon.from_module(module, epsilon=epsilon)  # noqa: E731
     factory.__name__ = factory.__qualname__ = f"LayerNormEpsilon[epsilon={epsilon:g}]"
     return factory
+
+
+def identity_module(module):
+    """Any elementwise-scaling module (Gemma's ``x / rms * (1 + w)`` RMSNorm, a Python GELU
+    formula) under the identity rule, its own forward kept: ``R_x = R`` (AttnLRP Eq. 9,
+    Prop. 3.4)."""
+    if isinstance(module, LxtModule):
+        return module
+    return IdentityRule()(module)
+
+
+def activation_calls() -> dict:
+    """Elementwise activations as calls: the identity rule (AttnLRP Eq. 9)."""
+    return {
+        F.silu: lf.silu,
+        F.gelu: lf.gelu,
+        F.relu: lf.relu,
+        torch.relu: lf.relu,
+        "relu": lf.relu,
+        torch.tanh: lf.tanh,
+        "tanh": lf.tanh,
+    }
+
+
+def linear_calls(epsilon=None) -> dict:
+    """``F.linear`` called with a weight tensor (MoE routers, fused projections): epsilon."""
+    return {F.linear: with_epsilon(lf.linear_epsilon, epsilon)}
+
+
+def detached_mul(position: int):
+    """CP-LRP gated MLP: the product with the factor at ``position`` (0 or 1) detached, so
+    relevance goes through the other one (identity rule on the product)."""
+
+    def mul(a, b):
+        return lf.mul2(a.detach(), b) if position == 0 else lf.mul2(a, b.detach())
+
+    mul.__name__ = mul.__qualname__ = f"gate_detached_mul[{position}]"
+    mul.lxt_constant_args = (position,)
+    return mul
+
+
+def python_activations() -> tuple:
+    """transformers' activation modules that compute their formula in Python (``gelu_new``,
+    ``quick_gelu``, ``gelu_fast``, ...): elementwise, so the identity rule on the whole module
+    (a graph rewrite would see their inner products and tanh).  Activations that call one torch
+    function (``GELUActivation``, ``SiLUActivation``) are left to the call entries."""
+    from transformers import activations
+
+    names = ("NewGELUActivation", "FastGELUActivation", "QuickGELUActivation",
+             "AccurateGELUActivation", "MishActivation", "LaplaceActivation",
+             "ReLUSquaredActivation", "ClippedGELUActivation", "GELUTanh", "PytorchGELUTanh")
+    return tuple(getattr(activations, n) for n in names if hasattr(activations, n))

@@ -23,12 +23,22 @@ CONV_GAMMA = 0.25
 MLP_GAMMA = 0.05
 
 
-def _mlp_classes() -> tuple:
-    """The MLP block classes of the installed transformers (``ViTMLP`` in 5.x;
-    ``ViTIntermediate`` / ``ViTOutput`` in 4.x)."""
-    from transformers.models.vit import modeling_vit as mv
+#: model_type -> (modeling module, class-name prefix)
+FAMILIES = {"vit": ("transformers.models.vit.modeling_vit", "ViT"),
+            "deit": ("transformers.models.deit.modeling_deit", "DeiT")}
 
-    return tuple(getattr(mv, n) for n in ("ViTMLP", "ViTIntermediate", "ViTOutput") if hasattr(mv, n))
+
+def _mlp_classes(model_type: str = "vit") -> tuple:
+    """The MLP block classes of the installed transformers (``ViTMLP`` in 5.x;
+    ``ViTIntermediate`` / ``ViTOutput`` in 4.x; the same for DeiT)."""
+    import importlib
+
+    if model_type not in FAMILIES:
+        raise ValueError(f"lxt: no ViT table for model_type {model_type!r}; known: {', '.join(FAMILIES)}.")
+    path, prefix = FAMILIES[model_type]
+    mv = importlib.import_module(path)
+    names = (f"{prefix}MLP", f"{prefix}Intermediate", f"{prefix}Output")
+    return tuple(getattr(mv, n) for n in names if hasattr(mv, n))
 
 
 def layer_map(cp: bool = False, model_type: str = "vit", conv_gamma: float = CONV_GAMMA,
@@ -36,7 +46,7 @@ def layer_map(cp: bool = False, model_type: str = "vit", conv_gamma: float = CON
     """The table (first match wins); the gammas and ``epsilon`` are parameters."""
     eps = {} if epsilon is None else {"epsilon": epsilon}
     table = {nn.Conv2d: GammaRule(gamma=conv_gamma, **eps)}
-    for mlp in _mlp_classes():
+    for mlp in _mlp_classes(model_type):
         table[(mlp, nn.Linear)] = GammaRule(gamma=mlp_gamma, **eps)
     table.update({
         nn.Linear: epsilon_rule(epsilon),
@@ -53,14 +63,15 @@ def layer_map(cp: bool = False, model_type: str = "vit", conv_gamma: float = CON
 def attnlrp(overrides=None, model_type: str = "vit", conv_gamma: float = CONV_GAMMA,
             mlp_gamma: float = MLP_GAMMA, epsilon=None, engine: str = "gradient",
            **kwargs) -> Composite:
-    """A fresh AttnLRP composite for ``ViTForImageClassification`` / ``ViTModel``."""
-    return Composite(layer_map(False, conv_gamma=conv_gamma, mlp_gamma=mlp_gamma, epsilon=epsilon), overrides,
-                     engine=engine, epsilon=epsilon, name="AttnLRP[vit]", method="attnlrp", **kwargs)
+    """A fresh AttnLRP composite for ``ViTForImageClassification`` / ``ViTModel`` (and DeiT's
+    classes with ``model_type="deit"``)."""
+    return Composite(layer_map(False, model_type, conv_gamma=conv_gamma, mlp_gamma=mlp_gamma, epsilon=epsilon),
+                     overrides, engine=engine, epsilon=epsilon, name=f"AttnLRP[{model_type}]", method="attnlrp", **kwargs)
 
 
 def cp_lrp(overrides=None, model_type: str = "vit", conv_gamma: float = CONV_GAMMA,
            mlp_gamma: float = MLP_GAMMA, epsilon=None, engine: str = "gradient",
            **kwargs) -> Composite:
     """A fresh CP-LRP composite for ViT."""
-    return Composite(layer_map(True, conv_gamma=conv_gamma, mlp_gamma=mlp_gamma, epsilon=epsilon), overrides,
-                     engine=engine, epsilon=epsilon, name="CP-LRP[vit]", method="cp-lrp", **kwargs)
+    return Composite(layer_map(True, model_type, conv_gamma=conv_gamma, mlp_gamma=mlp_gamma, epsilon=epsilon),
+                     overrides, engine=engine, epsilon=epsilon, name=f"CP-LRP[{model_type}]", method="cp-lrp", **kwargs)

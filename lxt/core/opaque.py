@@ -38,7 +38,11 @@ def opaque_module_call(key: int, *args, **kwargs):
     mode = _fake_mode(args, kwargs)
     if mode is None:
         return module._lrp_call(*args, **kwargs)
-    # shape propagation at capture time: same computation on fake parameters
+    # shape propagation at capture time: same computation on fake parameters (a module whose
+    # forward depends on data, e.g. MoE routing, gives its output's shape by ``fake_forward``)
+    fake = getattr(module, "fake_forward", None)
+    if fake is not None:
+        return fake(*args, **kwargs)
     state = {n: mode.from_tensor(t, static_shapes=True) for n, t in
              itertools.chain(module.named_parameters(), module.named_buffers())}
     return torch.func.functional_call(_Plain(module), _prefixed(state), args, kwargs)

@@ -32,7 +32,9 @@ COMPATIBLE = {
     "double", "bfloat16", "half", "type_as", "clone", "detach", "dropout", "embedding", "repeat",
     "repeat_interleave", "narrow", "select", "index_select", "gather", "masked_fill", "movedim",
     "t", "T", "flip", "roll", "pad", "unbind", "view_as", "reshape_as", "identity", "where",
-    "_set_grad_enabled", "_log_api_usage_once", "interpolate",
+    "_set_grad_enabled", "_log_api_usage_once", "interpolate", "type",
+    # top-k values are a selection of the input (MoE routers)
+    "topk",
 }
 #: ops whose plain gradient is not relevance (LRP needs a rule there)
 NOT_LRP_SAFE = {
