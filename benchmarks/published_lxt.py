@@ -40,7 +40,14 @@ Shims (lxt 2.1 was written for transformers 4.x; its files are not touched)
    ``LlamaAttention.forward`` then fails with "'dict' object has no attribute
    'get_interface'".  The wrapped functions are put into a fresh ``AttentionInterface`` (as
    local overrides of that instance only), which is what the upstream repository's later
-   transformers-5 fix amounts to.
+   transformers-5 fix amounts to.  (The CP-LRP ``patch_cp_attention`` instead writes into the
+   module's interface in place, and that instance is transformers' one shared registry; the
+   module is therefore given a fresh ``AttentionInterface`` of its own before patching, so that
+   the change stays in that module and can be switched out.)
+
+``PublishedPatch`` takes any modeling module of the published default map (and optionally
+another patch map, e.g. the published ``cp_LRP`` maps); ``benchmarks/published_families.py``
+uses it for the other families.
 """
 from __future__ import annotations
 
@@ -111,13 +118,14 @@ def ensure_installed() -> None:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def run_child(argv) -> int:
-    """Re-run this script as the measuring child: published lxt first on sys.path, no script
-    folder or cwd on it (-P), and speed.py's fixed mmap threshold (RSS follows live memory)."""
+def run_child(argv, script=__file__) -> int:
+    """Re-run ``script`` (default: this one) as the measuring child: published lxt first on
+    sys.path, no script folder or cwd on it (-P), and speed.py's fixed mmap threshold (RSS
+    follows live memory)."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", HF_HUB_OFFLINE="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(SIDE), os.environ.get("PYTHONPATH")])))
     args = argv if argv is not None else sys.argv[1:]
-    return subprocess.run([sys.executable, "-P", str(Path(__file__).resolve()), "--child", *args],
+    return subprocess.run([sys.executable, "-P", str(Path(script).resolve()), "--child", *args],
                           env=env).returncode
 
 
@@ -149,29 +157,35 @@ def import_published():
 
 
 class PublishedPatch:
-    """The published efficient AttnLRP patch of the Llama classes (plus shim 2) as a switch.
+    """A published efficient patch of one modeling module (plus shim 2) as a switch.
 
-    ``monkey_patch`` is applied once; every attribute it changed on the classes and modules of
-    its patch map is recorded with its value before and after, and :meth:`active` swaps the
-    patched values in for the duration of a block.  Outside such a block the originals are set.
+    ``modeling`` defaults to ``modeling_llama``, ``patch_map`` to the published default map of
+    that module (its AttnLRP map).  ``monkey_patch`` is applied once; every attribute it changed
+    on the classes and modules of its patch map is recorded with its value before and after, and
+    :meth:`active` swaps the patched values in for the duration of a block.  Outside such a
+    block the originals are set.
     """
 
     _ABSENT = object()
 
-    def __init__(self):
+    def __init__(self, modeling=None, patch_map=None):
         from transformers.modeling_utils import AttentionInterface
-        from transformers.models.llama import modeling_llama
 
+        if modeling is None:
+            from transformers.models.llama import modeling_llama as modeling
         monkey_patch, get_default_map = import_published()
-        targets = list(get_default_map(modeling_llama))
+        patch_map = get_default_map(modeling) if patch_map is None else patch_map
+        targets = list(patch_map)
         before = [dict(vars(t)) for t in targets]
-        monkey_patch(modeling_llama, verbose=False)
-        wrapped = modeling_llama.ALL_ATTENTION_FUNCTIONS
+        if modeling in patch_map:  # shim 2: in-place writes go to an interface of its own
+            modeling.ALL_ATTENTION_FUNCTIONS = AttentionInterface()
+        monkey_patch(modeling, patch_map=patch_map, verbose=False)
+        wrapped = modeling.ALL_ATTENTION_FUNCTIONS
         if not isinstance(wrapped, AttentionInterface):
             interface = AttentionInterface()
             for name, fn in wrapped.items():
                 interface[name] = fn
-            modeling_llama.ALL_ATTENTION_FUNCTIONS = interface
+            modeling.ALL_ATTENTION_FUNCTIONS = interface
         self.changes = []  # (owner, name, original, patched)
         for owner, old in zip(targets, before):
             new = dict(vars(owner))
