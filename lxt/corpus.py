@@ -1,0 +1,340 @@
+"""Explain a corpus: data-parallel over the processes of a launcher, resumable, crash-safe.
+
+One job is a list of items (a prompt and its index, e.g. its line number) and one function
+that turns a batch of items into one JSON record each.  :func:`run` gives each process its
+share, writes each finished batch at once, skips what an earlier run of the same job already
+wrote, and leaves one JSON-lines file in input order::
+
+    torchrun --nproc-per-node 2 -m lxt.cli explain --file prompts.txt --jsonl out.jsonl
+
+Processes
+    Under ``torchrun`` (or ``accelerate launch``, which wraps it; one machine or several)
+    :func:`process_group` initialises ``torch.distributed`` from the launcher's environment
+    (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ...): gloo on CPU, nccl on CUDA.  Without a
+    launcher (``WORLD_SIZE`` unset or 1) the same code runs in one process, with no group.
+Files
+    Rank ``r`` appends its records to ``OUT.parts/rank{r}.jsonl``: one ``os.write`` of whole
+    lines per batch, then ``fsync``, so a killed process leaves at most one torn last line,
+    which the next run drops.  When every rank is done, rank 0 merges the final file and the
+    parts in input order into a temporary file, ``fsync``, ``os.replace`` onto ``OUT`` and
+    removes the parts.
+Resume
+    Every record carries ``index`` and ``key`` (:func:`record_key`: a hash of the prompt and
+    the job's options).  A rerun reads ``OUT`` and the parts, skips the indices already done
+    with the same key, and shares the rest among its ranks (their number may differ from the
+    first run's).  A record of another job (same index, other prompt or options; or an index
+    the job does not have) is never mixed in: :func:`run` raises :class:`JobMismatch`, naming
+    what differs, and nothing is written.  Two runs must not write the same ``OUT`` at once.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+#: the fields every record of a job has (beside those of its ``compute`` function)
+RECORD_FIELDS = ("index", "key", "error", "options")
+
+
+class JobMismatch(ValueError):
+    """The output file holds records of another job (or cannot be read as one of ours)."""
+
+
+def record_key(prompt: str, options: dict) -> str:
+    """The identity of one result: sha256 (16 hex digits) of the prompt and the job's
+    ``options`` (model identity, method, target, ...; JSON, keys sorted)."""
+    blob = json.dumps([prompt, options], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------- processes
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def rank_and_world() -> tuple[int, int]:
+    """``(rank, world size)`` of this process: from ``torch.distributed`` when a group is
+    initialised, else ``(0, 1)``."""
+    dist = _dist()
+    return (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
+
+
+def launched_world_size() -> int:
+    """The number of processes the launcher started (``WORLD_SIZE``; 1 without a launcher)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+@contextlib.contextmanager
+def process_group() -> Iterator[tuple[int, int]]:
+    """``torch.distributed`` initialised from the launcher's environment when it started more
+    than one process (gloo on CPU, nccl with CUDA: each rank then uses the device
+    ``LOCAL_RANK``), destroyed on exit; yields ``(rank, world size)``.  One process: no group."""
+    import torch
+    import torch.distributed as dist
+
+    if launched_world_size() == 1 or dist.is_initialized():
+        yield rank_and_world()
+        return
+    backend = "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "nccl"
+    dist.init_process_group(backend)
+    try:
+        yield dist.get_rank(), dist.get_world_size()
+    finally:
+        dist.destroy_process_group()
+
+
+def _barrier() -> None:
+    dist = _dist()
+    if dist:
+        dist.barrier()
+
+
+def _gather(obj) -> list:
+    dist = _dist()
+    if not dist:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ---------------------------------------------------------------------- files
+def parts_dir(path: Path) -> Path:
+    """The folder of the per-rank part files of ``path`` (``out.jsonl.parts``)."""
+    return path.with_name(path.name + ".parts")
+
+
+def _read_records(path: Path, torn_ok: bool) -> list[tuple[dict, int]]:
+    """``(record, line number)`` of a JSON-lines file; a last line without its newline (a
+    write cut by a kill) is dropped when ``torn_ok`` (part files), any other bad line raises."""
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    tail = lines.pop()  # b"" when the file ends with a newline
+    if tail and not torn_ok:
+        lines.append(tail)
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError as err:
+            raise JobMismatch(f"{path} line {n} is not a JSON record ({err.msg}); it is not the "
+                              "output of this job: give another output file or remove it") from err
+        if not isinstance(rec, dict) or not isinstance(rec.get("index"), int) or "key" not in rec:
+            raise JobMismatch(f"{path} line {n} is not a record of a resumable job (no index / "
+                              "key): give another output file or remove it")
+        out.append((rec, n))
+    return out
+
+
+def _existing(path: Path) -> list[tuple[dict, str]]:
+    """The records already written for ``path``: its final file, then every part file."""
+    found = []
+    if path.is_file():
+        found += [(r, f"{path} line {n}") for r, n in _read_records(path, torn_ok=False)]
+    parts = parts_dir(path)
+    if parts.is_dir():
+        for part in sorted(parts.glob("rank*.jsonl")):
+            found += [(r, f"{part} line {n}") for r, n in _read_records(part, torn_ok=True)]
+    return found
+
+
+def _mismatch(where: str, rec: dict, index: int, prompt: Optional[str], options: dict) -> str:
+    if prompt is None:
+        return f"{where} is a result for index {index}, which this job does not have"
+    if rec.get("prompt") != prompt:
+        return (f"{where} is a result for index {index} with another prompt "
+                f"({_short(rec.get('prompt'))}, now {_short(prompt)})")
+    old = rec.get("options") or {}
+    diff = [f"{k} {old.get(k)!r} (now {options.get(k)!r})" for k in sorted(set(old) | set(options))
+            if old.get(k) != options.get(k)]
+    return f"{where} was computed with other options: {', '.join(diff) or 'other key'}"
+
+
+def _short(text, n: int = 30) -> str:
+    if not isinstance(text, str):
+        return repr(text)
+    return repr(text if len(text) <= n else text[: n - 3] + "...")
+
+
+class _Part:
+    """This rank's part file: whole lines appended with one write, then fsync."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        size = os.fstat(self.fd).st_size
+        if size:  # drop a torn last line left by a killed run
+            data = os.pread(self.fd, size, 0)
+            keep = data.rfind(b"\n") + 1
+            if keep < size:
+                os.ftruncate(self.fd, keep)
+
+    def write(self, records: Sequence[dict]) -> None:
+        blob = "".join(json.dumps(r, allow_nan=False, ensure_ascii=False) + "\n" for r in records)
+        data = blob.encode("utf-8")
+        while data:  # one write for a regular file; the loop only guards a short write
+            data = data[os.write(self.fd, data):]
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _merge(path: Path, order: Sequence[int], done: dict) -> None:
+    """Write the records of ``order`` to ``path`` atomically, then remove the part files."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for i in order:
+            f.write(json.dumps(done[i], allow_nan=False, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    parts = parts_dir(path)
+    if parts.is_dir():
+        for part in parts.glob("rank*.jsonl"):
+            part.unlink()
+        with contextlib.suppress(OSError):
+            parts.rmdir()
+
+
+# ---------------------------------------------------------------------- the job
+def _progress(total: int, desc: str, world: int, enabled: bool):
+    if not enabled or total == 0:
+        return None
+    from tqdm.auto import tqdm
+
+    if world > 1:
+        desc = f"{desc} (rank 0 of {world})"
+    return tqdm(total=total, desc=desc, unit="prompt", dynamic_ncols=True)
+
+
+def run(items: Sequence[tuple[int, str]], compute: Callable[[list], list], path: Optional[str],
+        options: dict, *, batch_size: int = 8, progress: bool = True, desc: str = "lxt explain",
+        log: Callable[[str], None] = print) -> Optional[list]:
+    """Compute one record per item, sharded over the ranks, resumable.
+
+    Parameters
+    ----------
+    items : sequence of (int, str)
+        ``(index, prompt)``, indices unique (e.g. line numbers), in output order.  Every rank
+        must see the same items and options (checked).
+    compute : callable
+        A batch ``[(index, prompt), ...]`` -> one JSON-ready dict per item, in order (a
+        failed item: a dict with an ``"error"`` message).  It must not raise for one bad item.
+    path : str or None
+        The output JSON-lines file (``None``: keep the records in memory; one process only).
+    options : dict
+        Everything besides the prompt that determines a record (model identity, method, ...);
+        hashed into each record's ``key`` and stored in its ``options``.
+    batch_size : int
+        Items per ``compute`` call, and per write.
+    progress : bool
+        A progress bar on rank 0 (its own share; with several ranks it also shows the rate of
+        all ranks estimated as its own times the number of ranks).
+    log : callable
+        Rank 0's one-line messages (what was resumed, how many errors).
+
+    Returns
+    -------
+    list of dict or None
+        On rank 0, all records in input order; on the other ranks ``None``.
+    """
+    rank, world = rank_and_world()
+    if path is None and world > 1:
+        raise ValueError("lxt: several processes write their shares to a file: give the output "
+                         "file (--jsonl)")
+    keys = {i: record_key(p, options) for i, p in items}
+    prompts = dict(items)
+    if len(keys) != len(items):
+        raise ValueError("lxt: the item indices of a job must be unique")
+    fingerprint = hashlib.sha256(json.dumps(sorted(keys.items())).encode()).hexdigest()
+    other = [r for r, f in enumerate(_gather(fingerprint)) if f != fingerprint]
+    if other:
+        raise ValueError(f"lxt: rank {other[0]} sees other prompts or options than rank {rank} "
+                         "(another prompt file or model on that machine?); every rank must run "
+                         "the same job")
+    out = Path(path) if path is not None else None
+    done: dict = {}
+    error = None
+    if out is not None:
+        for rec, where in _existing(out):
+            i = rec["index"]
+            if keys.get(i) != rec["key"]:
+                error = _mismatch(where, rec, i, prompts.get(i), options)
+                break
+            done.setdefault(i, rec)
+    if error is not None:
+        raise JobMismatch(f"lxt: {error}; nothing was mixed in: give another output file, or "
+                          "remove it to start over")
+    _barrier()  # every rank has read the files before any writes
+    todo = [i for i, _ in items if i not in done]
+    mine = todo[rank::world]
+    if rank == 0 and done:
+        log(f"resuming {out}: {len(done)} of {len(items)} done, {len(todo)} to go")
+    part = _Part(parts_dir(out) / f"rank{rank}.jsonl") if out is not None else None
+    bar = _progress(len(mine), desc, world, progress and rank == 0)
+    t0 = time.perf_counter()
+    try:
+        for start in range(0, len(mine), batch_size):
+            batch = [(i, prompts[i]) for i in mine[start:start + batch_size]]
+            records = compute(batch)
+            if len(records) != len(batch):
+                raise RuntimeError(f"compute gave {len(records)} records for {len(batch)} items")
+            records = [{"index": i, "key": keys[i], "error": None, **rec, "options": options}
+                       for (i, _), rec in zip(batch, records)]
+            if part is not None:
+                part.write(records)
+            done.update((r["index"], r) for r in records)
+            if bar is not None:
+                bar.update(len(batch))
+                if world > 1:
+                    rate = bar.n / max(time.perf_counter() - t0, 1e-9)
+                    bar.set_postfix_str(f"all ranks ~{rate * world:.1f} prompts/s", refresh=False)
+    finally:
+        if bar is not None:
+            bar.close()
+        if part is not None:
+            part.close()
+    _barrier()  # every rank has written its share
+    if rank != 0:
+        return None
+    if out is not None:
+        done = {}
+        for rec, _ in _existing(out):
+            done.setdefault(rec["index"], rec)
+        missing = [i for i, _ in items if i not in done]
+        if missing:
+            raise RuntimeError(f"lxt: {len(missing)} results missing after every rank finished "
+                               f"(index {missing[0]} first); rerun the command to compute them")
+        _merge(out, [i for i, _ in items], done)
+    records = [done[i] for i, _ in items]
+    failed = [r for r in records if r.get("error")]
+    if failed:
+        log(f"{len(failed)} of {len(records)} prompts failed (records with an error field; "
+            f"index {failed[0]['index']} first: {failed[0]['error']})")
+    return records
