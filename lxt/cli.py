@@ -208,7 +208,7 @@ def _check_args(args) -> None:
         raise UserError("--generate explains each generated token (the model's own choice); it "
                         "takes no --target, --contrast or --position")
     for flag in ("html", "png", "jsonl"):
-        if getattr(args, flag):
+        if getattr(args, flag) and os.environ.get("RANK", "0") == "0":  # rank 0 writes them
             _check_output(getattr(args, flag), f"--{flag}")
     if args.png:
         import importlib.util

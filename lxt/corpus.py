@@ -41,7 +41,8 @@ RECORD_FIELDS = ("index", "key", "error", "options")
 
 
 class JobMismatch(ValueError):
-    """The output file holds records of another job (or cannot be read as one of ours)."""
+    """The output file holds records of another job (or cannot be read as one of ours), or the
+    ranks do not run the same job."""
 
 
 def record_key(prompt: str, options: dict) -> str:
@@ -275,7 +276,7 @@ def run(items: Sequence[tuple[int, str]], compute: Callable[[list], list], path:
     fingerprint = hashlib.sha256(json.dumps(sorted(keys.items())).encode()).hexdigest()
     other = [r for r, f in enumerate(_gather(fingerprint)) if f != fingerprint]
     if other:
-        raise ValueError(f"lxt: rank {other[0]} sees other prompts or options than rank {rank} "
+        raise JobMismatch(f"lxt: rank {other[0]} sees other prompts or options than rank {rank} "
                          "(another prompt file or model on that machine?); every rank must run "
                          "the same job")
     out = Path(path) if path is not None else None
