@@ -397,18 +397,21 @@ def _explain_corpus(args, method, prompts) -> int:
         try:
             with _eval_mode(model), _patched(model, method, None):  # registered once per rank
                 records = corpus.run(items, compute, args.jsonl, options, batch_size=args.batch_size,
-                                     progress=len(items) > args.batch_size and not args.quiet,
+                                     progress=len(items) > args.batch_size,
                                      desc="lxt explain", log=lambda m: print(m, file=sys.stderr))
         except corpus.JobMismatch as err:
             raise UserError(str(err).removeprefix("lxt: ")) from err
         if records is None:  # not rank 0
             return 0
-    where = {i: w for i, _, w in prompts}
-    if not args.quiet:
+    if not args.quiet or args.html or args.png:  # heatmaps: read back from the records
+        where = {i: w for i, _, w in prompts}
+        exps = []
         for r in records:
-            if r.get("error"):
+            if not r.get("error"):
+                exps.append(_from_record(r))
+            elif not args.quiet:
                 print(f"{where[r['index']]}: {r['error']}", file=sys.stderr)
-    _write_outputs(args, [_from_record(r) for r in records if not r.get("error")])
+        _write_outputs(args, exps)
     if args.jsonl:
         print(f"explanations (JSON lines): {args.jsonl} ({len(records)} records)")
     return 0

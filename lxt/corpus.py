@@ -34,7 +34,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 
 #: the fields every record of a job has (beside those of its ``compute`` function)
 RECORD_FIELDS = ("index", "key", "error", "options")
@@ -117,40 +117,55 @@ def parts_dir(path: Path) -> Path:
     return path.with_name(path.name + ".parts")
 
 
-def _read_records(path: Path, torn_ok: bool) -> list[tuple[dict, int]]:
-    """``(record, line number)`` of a JSON-lines file; a last line without its newline (a
-    write cut by a kill) is dropped when ``torn_ok`` (part files), any other bad line raises."""
-    data = path.read_bytes()
-    lines = data.split(b"\n")
-    tail = lines.pop()  # b"" when the file ends with a newline
-    if tail and not torn_ok:
-        lines.append(tail)
-    out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError as err:
-            raise JobMismatch(f"{path} line {n} is not a JSON record ({err.msg}); it is not the "
-                              "output of this job: give another output file or remove it") from err
-        if not isinstance(rec, dict) or not isinstance(rec.get("index"), int) or "key" not in rec:
-            raise JobMismatch(f"{path} line {n} is not a record of a resumable job (no index / "
-                              "key): give another output file or remove it")
-        out.append((rec, n))
-    return out
+class _Entry(NamedTuple):
+    """Where one record lies (records are not held in memory: a corpus can be large)."""
+
+    key: str
+    error: Optional[str]
+    source: Path
+    offset: int
+    length: int
 
 
-def _existing(path: Path) -> list[tuple[dict, str]]:
-    """The records already written for ``path``: its final file, then every part file."""
-    found = []
-    if path.is_file():
-        found += [(r, f"{path} line {n}") for r, n in _read_records(path, torn_ok=False)]
+def _scan(path: Path, torn_ok: bool) -> Iterator[tuple[dict, str, _Entry]]:
+    """``(record, where, entry)`` for each line of a JSON-lines file; a last line without its
+    newline (a write cut by a kill) is skipped when ``torn_ok`` (part files); any other line
+    that is not one of our records raises :class:`JobMismatch`."""
+    with open(path, "rb") as f:
+        offset = 0
+        for n, line in enumerate(f, 1):
+            start, offset = offset, offset + len(line)
+            if not line.endswith(b"\n") and torn_ok:
+                return
+            if not line.strip():
+                continue
+            where = f"{path} line {n}"
+            try:
+                rec = json.loads(line)
+            except ValueError as err:
+                raise JobMismatch(f"lxt: {where} is not a JSON record ({err}); it is not the output "
+                                  "of this job: give another output file, or remove it") from err
+            if not isinstance(rec, dict) or not isinstance(rec.get("index"), int) or "key" not in rec:
+                raise JobMismatch(f"lxt: {where} is not a record of a resumable job (no index and "
+                                  "key): give another output file, or remove it")
+            if not line.endswith(b"\n"):
+                line += b"\n"  # a final file whose last line lacks its newline (edited by hand)
+            yield rec, where, _Entry(rec["key"], rec.get("error"), path, start, len(line))
+
+
+def _existing(path: Path, check: Callable[[dict, str], None]) -> dict:
+    """Index -> :class:`_Entry` of the records already written for ``path`` (its final file,
+    then every part file; the first of duplicates), each passed to ``check`` first."""
+    sources = [(path, False)] if path.is_file() else []
     parts = parts_dir(path)
     if parts.is_dir():
-        for part in sorted(parts.glob("rank*.jsonl")):
-            found += [(r, f"{part} line {n}") for r, n in _read_records(part, torn_ok=True)]
-    return found
+        sources += [(part, True) for part in sorted(parts.glob("rank*.jsonl"))]
+    done: dict = {}
+    for source, torn_ok in sources:
+        for rec, where, entry in _scan(source, torn_ok):
+            check(rec, where)
+            done.setdefault(rec["index"], entry)
+    return done
 
 
 def _mismatch(where: str, rec: dict, index: int, prompt: Optional[str], options: dict) -> str:
@@ -206,13 +221,25 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _merge(path: Path, order: Sequence[int], done: dict) -> None:
-    """Write the records of ``order`` to ``path`` atomically, then remove the part files."""
+    """Copy the records of ``order`` (their bytes, from wherever they lie) to ``path``
+    atomically, then remove the part files."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for i in order:
-            f.write(json.dumps(done[i], allow_nan=False, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    sources: dict = {}
+    try:
+        with open(tmp, "wb") as f:
+            for i in order:
+                e = done[i]
+                if e.source not in sources:
+                    sources[e.source] = open(e.source, "rb")
+                src = sources[e.source]
+                src.seek(e.offset)
+                line = src.read(e.length)
+                f.write(line if line.endswith(b"\n") else line + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        for src in sources.values():
+            src.close()
     os.replace(tmp, path)
     _fsync_dir(path.parent)
     parts = parts_dir(path)
@@ -221,6 +248,28 @@ def _merge(path: Path, order: Sequence[int], done: dict) -> None:
             part.unlink()
         with contextlib.suppress(OSError):
             parts.rmdir()
+
+
+class Records:
+    """The records of a finished job, in input order (rank 0's result of :func:`run`): read
+    from the output file as they are iterated, not held in memory (or the list, for a job
+    without a file)."""
+
+    def __init__(self, path: Optional[Path], records: Optional[list], count: int,
+                 errors: int, first_error: Optional[tuple]):
+        self.path, self._records = path, records
+        self.count, self.errors, self.first_error = count, errors, first_error
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[dict]:
+        if self._records is not None:
+            yield from self._records
+            return
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                yield json.loads(line)
 
 
 # ---------------------------------------------------------------------- the job
@@ -262,8 +311,9 @@ def run(items: Sequence[tuple[int, str]], compute: Callable[[list], list], path:
 
     Returns
     -------
-    list of dict or None
-        On rank 0, all records in input order; on the other ranks ``None``.
+    Records or None
+        On rank 0, all records in input order (iterated from the output file); on the other
+        ranks ``None``.
     """
     rank, world = rank_and_world()
     if path is None and world > 1:
@@ -280,24 +330,21 @@ def run(items: Sequence[tuple[int, str]], compute: Callable[[list], list], path:
                          "(another prompt file or model on that machine?); every rank must run "
                          "the same job")
     out = Path(path) if path is not None else None
-    done: dict = {}
-    error = None
-    if out is not None:
-        for rec, where in _existing(out):
-            i = rec["index"]
-            if keys.get(i) != rec["key"]:
-                error = _mismatch(where, rec, i, prompts.get(i), options)
-                break
-            done.setdefault(i, rec)
-    if error is not None:
-        raise JobMismatch(f"lxt: {error}; nothing was mixed in: give another output file, or "
-                          "remove it to start over")
+
+    def check(rec, where):
+        i = rec["index"]
+        if keys.get(i) != rec["key"]:
+            raise JobMismatch(f"lxt: {_mismatch(where, rec, i, prompts.get(i), options)}; nothing "
+                              "was mixed in: give another output file, or remove it to start over")
+
+    done = _existing(out, check) if out is not None else {}
     _barrier()  # every rank has read the files before any writes
     todo = [i for i, _ in items if i not in done]
     mine = todo[rank::world]
     if rank == 0 and done:
-        log(f"resuming {out}: {len(done)} of {len(items)} done, {len(todo)} to go")
+        log(f"resuming {out}: {len(items) - len(todo)} of {len(items)} done, {len(todo)} to go")
     part = _Part(parts_dir(out) / f"rank{rank}.jsonl") if out is not None else None
+    kept = [] if out is None else None  # records in memory only for a job without a file
     bar = _progress(len(mine), desc, world, progress and rank == 0)
     t0 = time.perf_counter()
     try:
@@ -310,7 +357,8 @@ def run(items: Sequence[tuple[int, str]], compute: Callable[[list], list], path:
                        for (i, _), rec in zip(batch, records)]
             if part is not None:
                 part.write(records)
-            done.update((r["index"], r) for r in records)
+            else:
+                kept += records
             if bar is not None:
                 bar.update(len(batch))
                 if world > 1:
@@ -324,18 +372,20 @@ def run(items: Sequence[tuple[int, str]], compute: Callable[[list], list], path:
     _barrier()  # every rank has written its share
     if rank != 0:
         return None
-    if out is not None:
-        done = {}
-        for rec, _ in _existing(out):
-            done.setdefault(rec["index"], rec)
+    if out is None:
+        errors = [(r["index"], r["error"]) for r in kept if r.get("error")]
+        result = Records(None, kept, len(kept), len(errors), errors[0] if errors else None)
+    else:
+        done = _existing(out, check)
         missing = [i for i, _ in items if i not in done]
         if missing:
             raise RuntimeError(f"lxt: {len(missing)} results missing after every rank finished "
                                f"(index {missing[0]} first); rerun the command to compute them")
-        _merge(out, [i for i, _ in items], done)
-    records = [done[i] for i, _ in items]
-    failed = [r for r in records if r.get("error")]
-    if failed:
-        log(f"{len(failed)} of {len(records)} prompts failed (records with an error field; "
-            f"index {failed[0]['index']} first: {failed[0]['error']})")
-    return records
+        order = [i for i, _ in items]
+        _merge(out, order, done)
+        errors = [(i, done[i].error) for i in order if done[i].error]
+        result = Records(out, None, len(order), len(errors), errors[0] if errors else None)
+    if result.errors:
+        log(f"{result.errors} of {len(result)} prompts failed (records with an error field; "
+            f"index {result.first_error[0]} first: {result.first_error[1]})")
+    return result

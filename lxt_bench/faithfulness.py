@@ -476,7 +476,8 @@ def text_corpus(model, tokenizer, items: Sequence[tuple], path: Optional[str], o
     ``(index, prompt)`` item (the ``per_input`` entry of :func:`evaluate_text`, or an
     ``error`` for a prompt under 3 tokens), ``chunk`` prompts per write, sharded over the
     ranks and resumable from ``path``.  Prompt ``index`` draws its random orderings from a
-    generator seeded with ``seed * 1000003 + index``.  Returns all records on rank 0."""
+    generator seeded with ``seed * 1000003 + index``.  Returns the records
+    (:class:`lxt.corpus.Records`) on rank 0, ``None`` on the other ranks."""
     from lxt import corpus
 
     def compute(batch):

@@ -165,8 +165,8 @@ def test_text_benchmark_as_a_resumable_corpus_job(tmp_path, monkeypatch):
     items = [(2, PROMPTS[0]), (3, "the cat"), (5, PROMPTS[1]), (9, PROMPTS[2])]
     out = tmp_path / "f.jsonl"
     options = {"model": "tiny", "methods": methods}
-    recs = fb.text_corpus(model, tok, items, str(out), options, methods, steps=3, chunk=2, seed=4,
-                          progress=False)
+    recs = list(fb.text_corpus(model, tok, items, str(out), options, methods, steps=3, chunk=2,
+                               seed=4, progress=False))
     assert [r["index"] for r in recs] == [2, 3, 5, 9]
     assert recs[1]["error"] == "2 tokens; need >= 3 (BOS, one token, query)"
     ok = [it for it in items if it[0] != 3]
@@ -181,4 +181,4 @@ def test_text_benchmark_as_a_resumable_corpus_job(tmp_path, monkeypatch):
     assert [json.loads(x) for x in out.read_text().splitlines()] == recs
     monkeypatch.setattr(fb, "evaluate_text", lambda *a, **k: pytest.fail("recomputed"))
     again = fb.text_corpus(model, tok, items, str(out), options, methods, steps=3, progress=False)
-    assert again == recs
+    assert list(again) == recs

@@ -203,3 +203,13 @@ def test_device_map_auto_is_captured_and_explained(model_dir, tmp_path, recwarn)
     for rec in records(out):
         assert rec["error"] is None and rec["options"]["method"] == "cp-lrp"
         assert sum(rec["relevance"]) == pytest.approx(rec["logit"], rel=1e-3)
+
+
+def test_file_without_jsonl_shows_each_line_and_names_the_bad_ones(model_dir, tmp_path, capsys):
+    file = tmp_path / "p.txt"
+    file.write_text("the cat sat\n\nthe dog ran\n")
+    assert main(["explain", "--file", str(file), "--model", str(model_dir), "--method", METHOD]) == 0
+    out, err = capsys.readouterr()
+    assert "cat" in out and "dog" in out
+    assert f"{file} line 2: empty prompt" in err and "1 of 3 prompts failed" in err
+    assert list(tmp_path.iterdir()) == [file]  # no file written
