@@ -36,10 +36,6 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 
-#: the fields every record of a job has (beside those of its ``compute`` function)
-RECORD_FIELDS = ("index", "key", "error", "options")
-
-
 class JobMismatch(ValueError):
     """The output file holds records of another job (or cannot be read as one of ours), or the
     ranks do not run the same job."""
