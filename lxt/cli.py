@@ -15,6 +15,7 @@ EXAMPLES = """examples:
   lxt explain "The capital of France is" --target " Paris" --html out.html --png out.png
   lxt explain "..." --model PATH_OR_GGUF --method cp-lrp --generate 5
   lxt explain --file prompts.txt --jsonl out.jsonl
+  torchrun --nproc-per-node 4 -m lxt.cli explain --file prompts.txt --jsonl out.jsonl
 """
 
 
@@ -37,7 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("explain", help="explain the next-token prediction for a prompt",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     e.add_argument("prompt", nargs="?", help="the prompt (or use --file)")
-    e.add_argument("--file", help="a text file with one prompt per line")
+    e.add_argument("--file", help="a text file with one prompt per line (each line is one "
+                   "prompt and one record, indexed by its line number; a blank or over-long "
+                   "line gives a record with an error); with --jsonl the job is resumable and "
+                   "runs data-parallel under torchrun / accelerate launch")
     e.add_argument("--target", help="explain this next token (a single token, e.g. ' Paris'); "
                    "default: the model's prediction")
     e.add_argument("--contrast", help="explain logit(target) - logit(contrast)")
@@ -56,7 +60,10 @@ def _parser() -> argparse.ArgumentParser:
                    "(default: the last token; a masked LM: the prompt's mask token)")
     e.add_argument("--html", help="write the heatmap as an HTML page")
     e.add_argument("--png", help="write the heatmap as a PNG image")
-    e.add_argument("--jsonl", help="write one JSON object per explanation")
+    e.add_argument("--jsonl", help="write one JSON object per explanation; with --file, "
+                   "records are written as they finish and a rerun skips those already there")
+    e.add_argument("--device-map", help="spread a model folder over the devices with "
+                   "accelerate (e.g. auto; see README: offloading)")
     e.add_argument("--quiet", action="store_true", help="do not print heatmaps")
     b = sub.add_parser("bench", help="benchmarks: `lxt bench speed ...`, `lxt bench faithfulness ...` "
                        "(each has its own --help)")
@@ -94,7 +101,7 @@ def _model_class(folder: Path, model_arg: str):
                     "(...ForSequenceClassification)")
 
 
-def _load(model_arg: str | None, dtype_name: str):
+def _load(model_arg: str | None, dtype_name: str, device_map: str | None = None):
     import torch
 
     dtype = getattr(torch, dtype_name)
@@ -102,6 +109,8 @@ def _load(model_arg: str | None, dtype_name: str):
 
     hf_logging.disable_progress_bar()  # our process: keep the terminal for the heatmap
     if model_arg is None:
+        if device_map is not None:
+            raise UserError("--device-map is for --model FOLDER (the default model is small)")
         from lxt_data import load_smollm2
 
         return load_smollm2(dtype=dtype)
@@ -117,28 +126,34 @@ def _load(model_arg: str | None, dtype_name: str):
         kw, folder, cls = {"gguf_file": path.name}, path.parent, AutoModelForCausalLM
     else:
         kw, folder, cls = {}, path, _model_class(path, model_arg)
+    placed = {} if device_map is None else {"device_map": device_map}
     try:
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kw)
-        model = cls.from_pretrained(folder, local_files_only=True, dtype=dtype, **kw)
+        model = cls.from_pretrained(folder, local_files_only=True, dtype=dtype, **kw, **placed)
     except Exception as err:  # noqa: BLE001 - reported as one line
         lines = str(err).strip().splitlines() or [type(err).__name__]
         raise UserError(f"cannot load model from {model_arg}: {lines[0]}") from err
     return model.eval(), tok
 
 
-def _prompts(args) -> list[tuple[str, str]]:
-    """``(prompt, where)`` pairs; ``where`` names the prompt in errors (``p.txt line 3``)."""
+def _prompts(args) -> list[tuple[int, str, str]]:
+    """``(index, prompt, where)``; ``where`` names the prompt in errors (``p.txt line 3``).
+    A file gives every line, blank ones too (index = line number, counted at ``\\n`` as
+    editors do), so that its records line up with its lines."""
     if args.file:
         try:
             # utf-8-sig: a byte-order mark (Windows editors) is not part of the first prompt
-            lines = Path(args.file).read_text(encoding="utf-8-sig").splitlines()
+            text = Path(args.file).read_text(encoding="utf-8-sig")
         except OSError as err:
             raise UserError(f"cannot read {args.file}: {err.strerror}") from err
         except UnicodeDecodeError as err:
             raise UserError(f"{args.file} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at "
                             f"offset {err.start}); save it as UTF-8") from err
-        prompts = [(ln, f"{args.file} line {i}") for i, ln in enumerate(lines, 1) if ln.strip()]
-        if not prompts:
+        lines = text.split("\n")
+        if lines[-1] == "":
+            lines.pop()  # the newline that ends the last line
+        prompts = [(i, ln.removesuffix("\r"), f"{args.file} line {i}") for i, ln in enumerate(lines, 1)]
+        if not any(p.strip() for _, p, _ in prompts):
             raise UserError(f"{args.file} holds no prompt")
         return prompts
     if args.prompt is None:
@@ -149,7 +164,7 @@ def _prompts(args) -> list[tuple[str, str]]:
         raise UserError("the prompt is not valid UTF-8 text (check the terminal's encoding)") from err
     if not args.prompt.strip():
         raise UserError("empty prompt: give some text to explain")
-    return [(args.prompt, "the prompt")]
+    return [(1, args.prompt, "the prompt")]
 
 
 def _check_output(path: str, flag: str) -> None:
@@ -193,7 +208,7 @@ def _check_args(args) -> None:
         raise UserError("--generate explains each generated token (the model's own choice); it "
                         "takes no --target, --contrast or --position")
     for flag in ("html", "png", "jsonl"):
-        if getattr(args, flag):
+        if getattr(args, flag) and os.environ.get("RANK", "0") == "0":  # rank 0 writes them
             _check_output(getattr(args, flag), f"--{flag}")
     if args.png:
         import importlib.util
@@ -211,17 +226,13 @@ def _check_lengths(model, tok, prompts) -> None:
     limit = _context_length(model)
     if limit is None:
         return
-    for prompt, where in prompts:
+    for _, prompt, where in prompts:
         n = len(tok(prompt)["input_ids"])
         if n > limit:
             raise UserError(f"{where} is {n} tokens, longer than the model's context of {limit}")
 
 
 def _explain(args) -> int:
-    import math
-
-    import torch
-
     from .explain import _check_method, explain
 
     try:
@@ -230,11 +241,19 @@ def _explain(args) -> int:
         raise UserError(str(err).removeprefix("lxt: ")) from err
     _check_args(args)
     prompts = _prompts(args)
-    if args.generate and len(prompts) != 1:
-        raise UserError("--generate explains one prompt at a time")
-    model, tok = _load(args.model, args.dtype)
+    if args.generate:
+        prompts = [p for p in prompts if p[1].strip()]
+        if len(prompts) != 1:
+            raise UserError("--generate explains one prompt at a time")
+    if args.file and not args.generate:
+        return _explain_corpus(args, method, prompts)
+    from . import corpus
+
+    if corpus.launched_world_size() > 1:
+        raise UserError("several processes share the prompts of --file: give --file and --jsonl")
+    model, tok = _load(args.model, args.dtype, args.device_map)
     _check_lengths(model, tok, prompts)
-    texts = [p for p, _ in prompts]
+    texts = [p for _, p, _ in prompts]
     try:
         if args.generate:
             exps = explain(model, tok, texts[0], generate=args.generate, method=method, steps=args.steps)
@@ -244,24 +263,11 @@ def _explain(args) -> int:
                            progress=len(texts) > args.batch_size, position=args.position)
     except (ValueError, TypeError) as err:
         raise UserError(str(err).removeprefix("lxt: ")) from err
-    bad = [e for e in exps if not (torch.isfinite(e.relevance).all() and math.isfinite(e.logit))]
+    bad = [e for e in exps if _not_finite(e)]
     if bad:
         raise UserError(f"the relevance of {bad[0].prompt!r} is not finite (NaN or inf); nothing "
                         "written (try --dtype float32)")
-    if not args.quiet:
-        for e in exps:
-            e.show()
-            print()
-    from . import viz
-
-    if args.html:
-        Path(args.html).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.html).write_text(viz.html_page(exps), encoding="utf-8")
-        print(f"heatmap (HTML): {args.html}")
-    if args.png:
-        Path(args.png).parent.mkdir(parents=True, exist_ok=True)
-        exps[-1].to_png(args.png)
-        print(f"heatmap (PNG): {args.png}")
+    _write_outputs(args, exps)
     if args.jsonl:
         Path(args.jsonl).parent.mkdir(parents=True, exist_ok=True)
         with open(args.jsonl, "w", encoding="utf-8") as f:
@@ -269,6 +275,155 @@ def _explain(args) -> int:
                 f.write(json.dumps(e.to_dict(), allow_nan=False) + "\n")
         print(f"explanations (JSON lines): {args.jsonl}")
     return 0
+
+
+def _not_finite(e) -> bool:
+    import math
+
+    import torch
+
+    return not (torch.isfinite(e.relevance).all() and math.isfinite(e.logit))
+
+
+def _write_outputs(args, exps) -> None:
+    """Heatmaps: in the terminal (unless --quiet), --html (all), --png (the last)."""
+    if not args.quiet:
+        for e in exps:
+            e.show()
+            print()
+    from . import viz
+
+    if args.html and exps:
+        Path(args.html).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.html).write_text(viz.html_page(exps), encoding="utf-8")
+        print(f"heatmap (HTML): {args.html}")
+    if args.png and exps:
+        Path(args.png).parent.mkdir(parents=True, exist_ok=True)
+        exps[-1].to_png(args.png)
+        print(f"heatmap (PNG): {args.png}")
+
+
+def _model_identity(model_arg: str | None) -> str:
+    """What names the model in a record's key, the same on every machine: the default model's
+    name; a .gguf file's name and size; a folder's name, with a hash of its config.json and of
+    the names and sizes of its files (not of their bytes: hashing gigabytes of weights per run
+    costs more than it saves).  A model changed in place with the same sizes is not noticed."""
+    import hashlib
+
+    if model_arg is None:
+        return "SmolLM2-135M-Instruct"
+    path = Path(model_arg)
+    h = hashlib.sha256()
+    if path.is_file():
+        h.update(f"{path.name}:{path.stat().st_size}".encode())
+    else:
+        h.update((path / "config.json").read_bytes())
+        for f in sorted(q for q in path.iterdir() if q.is_file() and not q.name.startswith(".")):
+            h.update(f"{f.name}:{f.stat().st_size}\n".encode())
+    return f"{path.resolve().name} {h.hexdigest()[:12]}"
+
+
+def _from_record(rec):
+    """An Explanation back from a record (for heatmaps after a sharded run)."""
+    import torch
+
+    from .explain import Explanation
+
+    return Explanation(tokens=rec["tokens"], relevance=torch.tensor(rec["relevance"]),
+                       target=rec["target"], target_id=rec["target_id"], logit=rec["logit"],
+                       method=rec["method"], prompt=rec["prompt"], contrast=rec["contrast"],
+                       position=rec["position"])
+
+
+def _explain_corpus(args, method, prompts) -> int:
+    """--file: one record per line, computed in batches by each rank (torchrun) and written
+    as they finish; a rerun resumes (lxt.corpus)."""
+    from . import corpus
+    from .explain import (_check_composite, _context_length, _eval_mode, _kind, _output_id, _patched,
+                          explain)
+
+    if corpus.launched_world_size() > 1 and not args.jsonl:
+        raise UserError("several processes write their shares of --file to a file: give --jsonl")
+    with corpus.process_group() as (rank, world):
+        model, tok = _load(args.model, args.dtype, args.device_map)
+        _place(model, args.device_map)
+        kind = _kind(model)
+        try:  # what holds for every prompt is checked once (an error, not a record per line)
+            _output_id(model, tok, args.target, "target", kind)
+            _output_id(model, tok, args.contrast, "contrast", kind)
+            _check_composite(model, method, None)
+        except (ValueError, TypeError) as err:
+            raise UserError(str(err).removeprefix("lxt: ")) from err
+        if args.position is not None and kind == "classifier":
+            raise UserError(f"--position is for language models; {type(model).__name__} "
+                            "classifies the whole sequence")
+        limit = _context_length(model)
+        options = {"model": _model_identity(args.model), "dtype": args.dtype, "method": method,
+                   "target": args.target, "contrast": args.contrast, "position": args.position,
+                   "steps": args.steps if method == "integrated_gradients" else None}
+
+        def one_error(prompt):
+            if not prompt.strip():
+                return "empty prompt"
+            n = len(tok(prompt)["input_ids"])
+            if limit is not None and n > limit:
+                return f"{n} tokens, longer than the model's context of {limit}"
+            return None
+
+        def run_explain(texts):
+            """Explanations or error messages, one per text (a failing batch is retried
+            prompt by prompt, so one bad prompt does not fail the others)."""
+            try:
+                exps = explain(model, tok, texts, target=args.target, contrast=args.contrast,
+                               method=method, steps=args.steps, batch_size=len(texts),
+                               progress=False, position=args.position)
+            except (ValueError, TypeError) as err:
+                if len(texts) > 1:
+                    return [x for t in texts for x in run_explain([t])]
+                return [str(err).removeprefix("lxt: ")]
+            return [("relevance is not finite (NaN or inf); try --dtype float32" if _not_finite(e)
+                     else e) for e in exps]
+
+        def compute(batch):
+            out = [{"prompt": p, "method": method, "error": one_error(p)} for _, p in batch]
+            todo = [j for j, r in enumerate(out) if r["error"] is None]
+            for j, res in zip(todo, run_explain([batch[j][1] for j in todo]) if todo else []):
+                out[j] = {"error": res} if isinstance(res, str) else res.to_dict()
+                out[j].setdefault("prompt", batch[j][1])
+                out[j].setdefault("method", method)
+            return out
+
+        items = [(i, p) for i, p, _ in prompts]
+        try:
+            with _eval_mode(model), _patched(model, method, None):  # registered once per rank
+                records = corpus.run(items, compute, args.jsonl, options, batch_size=args.batch_size,
+                                     progress=len(items) > args.batch_size,
+                                     desc="lxt explain", log=lambda m: print(m, file=sys.stderr))
+        except corpus.JobMismatch as err:
+            raise UserError(str(err).removeprefix("lxt: ")) from err
+        if records is None:  # not rank 0
+            return 0
+    if not args.quiet or args.html or args.png:  # heatmaps: read back from the records
+        where = {i: w for i, _, w in prompts}
+        exps = []
+        for r in records:
+            if not r.get("error"):
+                exps.append(_from_record(r))
+            elif not args.quiet:
+                print(f"{where[r['index']]}: {r['error']}", file=sys.stderr)
+        _write_outputs(args, exps)
+    if args.jsonl:
+        print(f"explanations (JSON lines): {args.jsonl} ({len(records)} records)")
+    return 0
+
+
+def _place(model, device_map) -> None:
+    """Under torchrun with CUDA, each rank's model on its own device (LOCAL_RANK); with
+    --device-map accelerate has placed it already."""
+    import torch
+
+    if device_map is None and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        model.to(f"cuda:{torch.cuda.current_device()}")
 
 
 def main(argv=None) -> int:

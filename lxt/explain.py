@@ -330,7 +330,7 @@ def _accepts(model, name: str) -> bool:
 
 
 def _forward_text(model, emb, mask, last_only: bool = False):
-    kwargs = {"inputs_embeds": emb, "attention_mask": mask}
+    kwargs = {"inputs_embeds": emb, "attention_mask": mask.to(emb.device)}  # a model on a GPU
     if _accepts(model, "use_cache"):
         kwargs["use_cache"] = False
     if last_only and _accepts(model, "logits_to_keep"):

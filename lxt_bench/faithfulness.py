@@ -30,6 +30,14 @@ Ties in a ranking are broken by a seeded random permutation, never by position.
 
     .venv/bin/python benchmarks/faithfulness.py [--model llm|vit|all] [--prompts N]
         [--images N] [--json out.json] [--methods ...] [--steps 50]
+
+Sharded and resumable (language model): ``--jsonl per_prompt.jsonl`` writes one record per
+prompt as it is finished (``lxt.corpus``: a rerun skips the prompts already there), and runs
+data-parallel under ``torchrun --nproc-per-node N -m lxt.cli bench faithfulness --model llm
+--jsonl ...``; the table is then computed from the merged records.  Each prompt's random
+orderings are drawn from a generator seeded with (seed, its line number), so the result does
+not depend on the number of processes or on where a run was resumed (one generator for the
+whole run, as without --jsonl, would).
 """
 from __future__ import annotations
 
@@ -272,9 +280,12 @@ def text_relevance(model, tokenizer, prompts: Sequence[str], targets: Sequence[i
 
 def evaluate_text(model, tokenizer, prompts: Sequence[str], methods: Sequence[str] = METHODS,
                   fills: Sequence[str] = FILLS, steps: int = 50, batch_size: int = 8,
-                  variant_batch: int = 256, seed: int = 0, progress: bool = True) -> dict:
+                  variant_batch: int = 256, seed: int = 0, progress: bool = True,
+                  seeds: Optional[Sequence[int]] = None) -> dict:
     """The perturbation benchmark of a causal LM on ``prompts`` (BOS already in the text if
     the model needs one).  Returns ``{"rows": table rows, "per_input": [...], "seconds": {...}}``.
+    The random orderings come from one generator seeded with ``seed``, or, with ``seeds``
+    (one per prompt), from one generator per prompt (independent of the other prompts).
 
     Position 0 (BOS) and the last (query) position are never ranked nor replaced; prompts
     must be at least 3 tokens long."""
@@ -305,6 +316,8 @@ def evaluate_text(model, tokenizer, prompts: Sequence[str], methods: Sequence[st
     t0 = time.perf_counter()
     for i in _progress(range(len(prompts)), len(prompts), "faithfulness llm (prompts)", progress):
         ids, tid = ids_list[i], targets[i]
+        if seeds is not None:
+            gen = torch.Generator().manual_seed(int(seeds[i]))
         n = len(ids)
         candidates = torch.arange(1, n - 1)
         orders = {}
@@ -442,27 +455,80 @@ def _environment() -> dict:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
-def load_prompts(path=PROMPTS_FILE, n: Optional[int] = None) -> list:
-    prompts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
-    prompts = [p for p in prompts if p and not p.startswith("#")]
+def numbered_prompts(path=PROMPTS_FILE, n: Optional[int] = None) -> list:
+    """``(line number, prompt)`` of the first ``n`` prompts of a file (blank lines and
+    ``#`` comments are not prompts)."""
+    lines = Path(path).read_text(encoding="utf-8").split("\n")
+    prompts = [(i, ln.strip()) for i, ln in enumerate(lines, 1)]
+    prompts = [(i, p) for i, p in prompts if p and not p.startswith("#")]
     return prompts[:n] if n else prompts
 
 
-def run_llm(args) -> dict:
+def load_prompts(path=PROMPTS_FILE, n: Optional[int] = None) -> list:
+    return [p for _, p in numbered_prompts(path, n)]
+
+
+def text_corpus(model, tokenizer, items: Sequence[tuple], path: Optional[str], options: dict,
+                methods: Sequence[str] = METHODS, fills: Sequence[str] = FILLS, steps: int = 50,
+                batch_size: int = 8, chunk: int = 16, seed: int = 0,
+                progress: bool = True) -> Optional[list]:
+    """The text benchmark as a corpus job (:func:`lxt.corpus.run`): one record per
+    ``(index, prompt)`` item (the ``per_input`` entry of :func:`evaluate_text`, or an
+    ``error`` for a prompt under 3 tokens), ``chunk`` prompts per write, sharded over the
+    ranks and resumable from ``path``.  Prompt ``index`` draws its random orderings from a
+    generator seeded with ``seed * 1000003 + index``.  Returns the records
+    (:class:`lxt.corpus.Records`) on rank 0, ``None`` on the other ranks."""
+    from lxt import corpus
+
+    def compute(batch):
+        out = [None] * len(batch)
+        for j, (_, p) in enumerate(batch):
+            n = len(tokenizer(p)["input_ids"])
+            if n < 3:
+                out[j] = {"prompt": p, "error": f"{n} tokens; need >= 3 (BOS, one token, query)"}
+        ok = [j for j, r in enumerate(out) if r is None]
+        if ok:
+            res = evaluate_text(model, tokenizer, [batch[j][1] for j in ok], methods, fills, steps,
+                                batch_size=batch_size, progress=False,
+                                seeds=[seed * 1000003 + batch[j][0] for j in ok])
+            for j, rec in zip(ok, res["per_input"]):
+                out[j] = rec
+        return out
+
+    return corpus.run(items, compute, path, options, batch_size=chunk, progress=progress,
+                      desc="faithfulness llm", log=lambda m: print(m, file=sys.stderr))
+
+
+def run_llm(args) -> Optional[dict]:
     from lxt_data import load_smollm2
 
     model, tokenizer = load_smollm2()
-    prompts = load_prompts(args.prompts_file, args.prompts)
+    numbered = numbered_prompts(args.prompts_file, args.prompts)
+    prompts = [p for _, p in numbered]
     bos = "" if args.no_bos else SMOLLM2_BOS
-    res = evaluate_text(model, tokenizer, [bos + p for p in prompts], args.methods, FILLS, args.steps,
-                        batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
+    if args.jsonl:
+        options = {"model": "SmolLM2-135M-Instruct", "methods": list(args.methods),
+                   "fills": list(FILLS), "steps": args.steps, "seed": args.seed}
+        records = text_corpus(model, tokenizer, [(i, bos + p) for i, p in numbered], args.jsonl,
+                              options, args.methods, FILLS, args.steps, args.batch_size,
+                              args.chunk, args.seed, progress=not args.quiet)
+        if records is None:  # not rank 0
+            return None
+        per_input = [r for r in records if not r.get("error")]
+        res = {"rows": summarize(per_input, args.methods, FILLS), "per_input": per_input,
+               "seconds": {}, "errors": [r for r in records if r.get("error")]}
+    else:
+        res = evaluate_text(model, tokenizer, [bos + p for p in prompts], args.methods, FILLS, args.steps,
+                            batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
     lengths = [len(r["tokens"]) for r in res["per_input"]]
     res["settings"] = {"model": "SmolLM2-135M-Instruct (lxt_data.load_smollm2, float32, sdpa)",
-                       "prompts_file": str(args.prompts_file), "n_prompts": len(prompts), "bos": bos,
+                       "prompts_file": str(args.prompts_file), "n_prompts": len(res["per_input"]), "bos": bos,
                        "tokens_min": min(lengths), "tokens_max": max(lengths),
                        "tokens_mean": sum(lengths) / len(lengths), "methods": list(args.methods),
                        "fills": {"zero": "zero vector", "mean": "mean of the input-embedding matrix"},
                        "ig_steps": args.steps, "seed": args.seed, "explain_batch_size": args.batch_size,
+                       "random_orderings": ("one generator per prompt, seeded with seed * 1000003 + line"
+                                            if args.jsonl else "one generator for the run"),
                        "excluded_positions": "first (BOS) and last (query)"}
     return res
 
@@ -508,35 +574,59 @@ def _parser():
     p.add_argument("--json", help="write the results here (with --model all: one file per model, "
                    "suffixed _llm / _vit)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--jsonl", help="language model: one record per prompt, written as it is "
+                   "finished; a rerun resumes; runs sharded under torchrun (see lxt.corpus)")
+    p.add_argument("--chunk", type=int, default=16, help="with --jsonl: prompts per write "
+                   "(default 16)")
     return p
 
 
 def main(argv=None) -> int:
+    from lxt import corpus
+
     args = _parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    refused = None
+    if args.jsonl and args.model != "llm":
+        refused = "--jsonl shards the language-model benchmark; give --model llm"
+    elif corpus.launched_world_size() > 1 and not args.jsonl:
+        refused = "several processes share the prompts through --jsonl; give --model llm --jsonl FILE"
+    elif args.chunk < 1:
+        refused = f"--chunk must be >= 1, got {args.chunk}"
+    if refused:
+        print(f"lxt bench faithfulness: error: {refused}", file=sys.stderr)
+        return 2
     env = _environment()
     which = ["llm", "vit"] if args.model == "all" else [args.model]
-    for name in which:
-        t0 = time.perf_counter()
-        res = run_llm(args) if name == "llm" else run_vit(args)
-        total = time.perf_counter() - t0
-        res["seconds"]["total"] = total
-        title = ("SmolLM2-135M, %d prompts" % res["settings"]["n_prompts"] if name == "llm"
-                 else "digits ViT, %d images (accuracy %.3f)" % (res["settings"]["n_images"], res["accuracy"]))
-        print(format_table(res["rows"], f"\nFaithfulness: {title}  ({total:.0f} s)"), flush=True)
-        if args.json:
-            path = Path(args.json)
-            if len(which) > 1:
-                path = path.with_name(f"{path.stem}_{name}{path.suffix or '.json'}")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if name == "vit":
-                res["per_input"] = compact(res["per_input"])
-            out = {"benchmark": "faithfulness", "model_kind": name, "environment": env,
-                   "settings": res.pop("settings"), "protocol": __doc__.split("\n\n    .venv")[0],
-                   **res}
-            path.write_text(json.dumps(out, indent=1))
-            print(f"wrote {path}")
+    with corpus.process_group() as (rank, world):
+        env["processes"] = world
+        for name in which:
+            t0 = time.perf_counter()
+            try:
+                res = run_llm(args) if name == "llm" else run_vit(args)
+            except corpus.JobMismatch as err:
+                print(f"lxt bench faithfulness: error: {str(err).removeprefix('lxt: ')}", file=sys.stderr)
+                return 2
+            if res is None:  # not rank 0: its records are in the merged file
+                continue
+            total = time.perf_counter() - t0
+            res["seconds"]["total"] = total
+            title = ("SmolLM2-135M, %d prompts" % res["settings"]["n_prompts"] if name == "llm"
+                     else "digits ViT, %d images (accuracy %.3f)" % (res["settings"]["n_images"], res["accuracy"]))
+            print(format_table(res["rows"], f"\nFaithfulness: {title}  ({total:.0f} s)"), flush=True)
+            if args.json:
+                path = Path(args.json)
+                if len(which) > 1:
+                    path = path.with_name(f"{path.stem}_{name}{path.suffix or '.json'}")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                if name == "vit":
+                    res["per_input"] = compact(res["per_input"])
+                out = {"benchmark": "faithfulness", "model_kind": name, "environment": env,
+                       "settings": res.pop("settings"), "protocol": __doc__.split("\n\n    .venv")[0],
+                       **res}
+                path.write_text(json.dumps(out, indent=1))
+                print(f"wrote {path}")
     return 0
 
 

@@ -155,3 +155,30 @@ def test_image_benchmark_on_tiny_vit():
         exp = lxt.explain(model, None, images[1:2], target=int(lp[1].argmax()), method=m)
         assert torch.allclose(rel[m][1], exp.relevance, rtol=1e-3, atol=1e-6), m
     json.dumps(res)
+
+
+def test_text_benchmark_as_a_resumable_corpus_job(tmp_path, monkeypatch):
+    """--jsonl: one record per prompt (a too-short prompt is an error record), each equal to
+    evaluate_text on that prompt with its own seed; a rerun computes nothing and keeps them."""
+    model, tok = tiny_llama(), tiny_tokenizer()
+    methods = ["input_x_gradient", "random"]
+    items = [(2, PROMPTS[0]), (3, "the cat"), (5, PROMPTS[1]), (9, PROMPTS[2])]
+    out = tmp_path / "f.jsonl"
+    options = {"model": "tiny", "methods": methods}
+    recs = list(fb.text_corpus(model, tok, items, str(out), options, methods, steps=3, chunk=2,
+                               seed=4, progress=False))
+    assert [r["index"] for r in recs] == [2, 3, 5, 9]
+    assert recs[1]["error"] == "2 tokens; need >= 3 (BOS, one token, query)"
+    ok = [it for it in items if it[0] != 3]
+    ref = fb.evaluate_text(model, tok, [p for _, p in ok], methods, steps=3, progress=False,
+                           seeds=[4 * 1000003 + i for i, _ in ok])["per_input"]
+    for rec, expected in zip([r for r in recs if not r["error"]], ref):
+        assert rec["order"] == expected["order"] and rec["target_id"] == expected["target_id"]
+        for fill in fb.FILLS:
+            for m in methods:
+                assert torch.allclose(torch.tensor(rec["curves"][fill][m]["morf"]),
+                                      torch.tensor(expected["curves"][fill][m]["morf"]), atol=1e-5)
+    assert [json.loads(x) for x in out.read_text().splitlines()] == recs
+    monkeypatch.setattr(fb, "evaluate_text", lambda *a, **k: pytest.fail("recomputed"))
+    again = fb.text_corpus(model, tok, items, str(out), options, methods, steps=3, progress=False)
+    assert list(again) == recs

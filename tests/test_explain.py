@@ -218,7 +218,10 @@ def test_cli_file_of_prompts(model_dir, tmp_path, capsys):
     rc = main(["explain", "--file", str(f), "--model", str(model_dir), "--method", "cp-lrp",
                "--jsonl", str(tmp_path / "o.jsonl"), "--quiet"])
     assert rc == 0
-    assert len((tmp_path / "o.jsonl").read_text().splitlines()) == 3
+    # one record per line, a blank line too (an error record): records line up with lines
+    recs = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in recs] == [1, 2, 3, 4] and [r["prompt"] for r in recs] == PROMPTS + [""]
+    assert [r["error"] for r in recs] == [None, None, None, "empty prompt"]
 
 
 @pytest.mark.parametrize("argv,msg", [
@@ -484,11 +487,20 @@ def test_cli_bad_input_is_one_line_before_the_model_loads(argv, msg, tmp_path, c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "empty", "latin1.txt", "two.txt"]
 
 
-def test_cli_file_overlong_line_is_named_and_bom_is_not_a_token(model_dir, tmp_path, capsys):
+def test_cli_file_overlong_line_is_an_error_record_and_bom_is_not_a_token(model_dir, tmp_path, capsys):
+    """In a file, a bad line is a record with an error (named on stderr), not the end of the
+    job: the other lines are explained."""
     f = tmp_path / "p.txt"
     f.write_text("the cat\n\n" + "the dog " * 40 + "\n", encoding="utf-8")
-    rc = main(["explain", "--file", str(f), "--model", str(model_dir)])
-    assert f"{f} line 3 is 80 tokens, longer than the model's context of 64" in _one_line_error(capsys, rc)
+    rc = main(["explain", "--file", str(f), "--model", str(model_dir), "--jsonl", str(tmp_path / "e.jsonl")])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert f"{f} line 3: 80 tokens, longer than the model's context of 64" in err
+    assert f"{f} line 2: empty prompt" in err and "Traceback" not in err
+    recs = [json.loads(x) for x in (tmp_path / "e.jsonl").read_text().splitlines()]
+    assert [r["error"] for r in recs] == [None, "empty prompt",
+                                         "80 tokens, longer than the model's context of 64"]
+    assert recs[0]["tokens"] == ["the", "cat"]
     f.write_bytes(b"\xef\xbb\xbfthe capital of france is\n")  # UTF-8 with a byte-order mark
     assert main(["explain", "--file", str(f), "--model", str(model_dir), "--jsonl", str(tmp_path / "o.jsonl"),
                  "--quiet"]) == 0
