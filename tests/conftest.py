@@ -7,10 +7,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+#: tiny models spend their time in thread hand-offs, not arithmetic: one intra-op thread is
+#: several times faster for them on a small shared machine; the real-weight (slow) tests get
+#: every core back
+TINY_THREADS = 1
+ALL_THREADS = torch.get_num_threads()
+torch.set_num_threads(TINY_THREADS)
+
+
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed(request):
     torch.manual_seed(0)
+    slow = request.node.get_closest_marker("slow") is not None
+    torch.set_num_threads(ALL_THREADS if slow else TINY_THREADS)
     yield
+    torch.set_num_threads(TINY_THREADS)
 
 
 def stab(z, eps):
