@@ -18,7 +18,7 @@ import transformers as tr
 
 import lxt
 import lxt.composites
-from models import text_batch, tiny_family, zero_biases, zero_position_embeddings
+from models import FAMILY_CONFIGS, text_batch, tiny_family, zero_biases, zero_position_embeddings
 from test_composite import assert_restored, snapshot
 from test_reference_formulation import (_reference_attention_registered, _targets,  # noqa: F401
                                         assert_relevance_close, lxt_relevance, reference_model,
@@ -269,3 +269,18 @@ def test_structural_table_recognises_rms_norms_by_behaviour():
     assert _is_rms_like(tr.models.gemma.modeling_gemma.GemmaRMSNorm(8))
     assert not _is_rms_like(FakeRMSNorm())
     assert not _is_rms_like(nn.LayerNorm(8))
+
+
+def test_gemma3_multimodal_class_on_text():
+    """Gemma3ForConditionalGeneration (model_type gemma3, a SigLIP tower beside the language
+    model) gets the Gemma 3 table; on text it matches the reference like gemma3_text."""
+    torch.manual_seed(0)
+    text = dict(FAMILY_CONFIGS["gemma3_text"], initializer_range=0.2)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=16, patch_size=4)
+    cfg = tr.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                          image_token_index=100, boi_token_index=98, eoi_token_index=99)
+    cfg._attn_implementation = "sdpa"
+    model = tr.Gemma3ForConditionalGeneration(cfg).to(D).eval()
+    assert model.config.model_type == "gemma3"
+    check_family(model, _inputs(model, "text", "sdpa"), "cp_lrp", "gradient", "gemma3")
