@@ -74,6 +74,20 @@ def test_add2_conserves():
     assert math.isclose(total.item(), y.sum().item(), rel_tol=1e-6)
 
 
+def test_index_add_epsilon_formula():
+    """Rows of ``source`` added into ``input`` (several into one row): each summand gets
+    ``x * R / stab(row sum)``."""
+    base, src = leaf(4, 3), leaf(6, 3)
+    index = torch.tensor([0, 2, 0, 3, 2, 0])
+    y = lf.index_add(base, 0, index, src, epsilon=EPS)
+    torch.testing.assert_close(y, torch.index_add(base, 0, index, src))
+    R = torch.randn_like(y)
+    y.backward(R)
+    share = R / stab(y.detach(), EPS)
+    torch.testing.assert_close(base.grad, base.detach() * share, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(src.grad, src.detach() * share[index], rtol=1e-12, atol=1e-12)
+
+
 def test_add2_constant_operand_absorbs_share():
     x = leaf(4, 3)
     c = torch.randn(4, 3, dtype=D)  # no requires_grad: a constant, like a bias

@@ -24,7 +24,9 @@ torchvision = pytest.importorskip("torchvision")
 from torchvision.models.vision_transformer import VisionTransformer  # noqa: E402
 
 import lxt  # noqa: E402
+
 from lxt.composites import torchvision_vit as tv  # noqa: E402
+from test_composite import assert_restored, snapshot  # noqa: E402
 
 D = torch.float64
 EPS = 1e-12
@@ -121,21 +123,7 @@ def reference_forward(m, x, cp, conv_gamma=0.0, mlp_gamma=0.0):
 # ----------------------------------------------------------------------------------------
 
 
-def snapshot(model):
-    return {"modules": list(model.named_modules()), "dict": {n: sorted(m.__dict__) for n, m in model.named_modules()},
-            "state": {k: v.clone() for k, v in model.state_dict().items()},
-            "grad": [(n, p.requires_grad) for n, p in model.named_parameters()]}
-
-
-def assert_restored(model, snap):
-    now = snapshot(model)
-    assert [n for n, _ in now["modules"]] == [n for n, _ in snap["modules"]]
-    assert all(a is b for (_, a), (_, b) in zip(now["modules"], snap["modules"]))
-    assert now["dict"] == snap["dict"] and now["grad"] == snap["grad"]
-    assert now["state"].keys() == snap["state"].keys()
-    assert all(torch.equal(now["state"][k], snap["state"][k]) for k in snap["state"])
-    assert "forward" not in model.__dict__
-    assert not any(type(m).__module__.startswith("lxt") for m in model.modules())
+# snapshot / assert_restored: tests/test_composite.py
 
 
 def lxt_relevance(model, comp, x, targets):

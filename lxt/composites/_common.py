@@ -149,3 +149,16 @@ def python_activations() -> tuple:
              "AccurateGELUActivation", "MishActivation", "LaplaceActivation",
              "ReLUSquaredActivation", "ClippedGELUActivation", "GELUTanh", "PytorchGELUTanh")
     return tuple(getattr(activations, n) for n in names if hasattr(activations, n))
+
+
+def experts_module(cp: bool, epsilon=None):
+    """MoE experts (transformers 5 layout) -> :class:`lxt.modules.MoEExperts` (weights shared)."""
+    from .. import modules as lm
+
+    kw = {} if epsilon is None else {"epsilon": epsilon}
+
+    def experts(module):
+        return lm.MoEExperts.from_module(module, cp=cp, **kw)
+
+    experts.__name__ = experts.__qualname__ = "MoEExperts" + ("[cp]" if cp else "")
+    return experts

@@ -19,16 +19,13 @@ import operator
 from dataclasses import dataclass
 from typing import Optional
 
-import torch.nn.functional as F
 from torch import nn
 
-from .. import functional as lf
-from .. import modules as lm
 from ..core.composite import Composite
 from ..rules import IdentityRule
 from ._common import (activation_calls, arithmetic, attention_calls, detached_mul, epsilon_rule,
-                      identity_module, layer_norm_module, linear_calls, python_activations,
-                      rms_norm_module)
+                      experts_module, identity_module, layer_norm_module, linear_calls,
+                      python_activations, rms_norm_module)
 
 
 @dataclass(frozen=True)
@@ -80,14 +77,6 @@ def _class(family: Family, name: Optional[str], model_type: str):
     return cls
 
 
-def _experts_factory(cp: bool, eps: dict):
-    def experts(module):
-        return lm.MoEExperts.from_module(module, cp=cp, **eps)
-
-    experts.__name__ = experts.__qualname__ = "MoEExperts" + ("[cp]" if cp else "")
-    return experts
-
-
 def layer_map(cp: bool = False, model_type: str = "llama", epsilon=None) -> dict:
     """The table (a dict, first match wins) for one model type of the family; ``epsilon``
     sets the stabiliser of every epsilon-family rule (default :data:`lxt.rules.EPSILON`)."""
@@ -107,8 +96,7 @@ def layer_map(cp: bool = False, model_type: str = "llama", epsilon=None) -> dict
         table.update({cls: identity_module for cls in python_activations()})
     if family.experts is not None:
         experts = _class(family, family.experts, model_type)
-        eps = {} if epsilon is None else {"epsilon": epsilon}
-        table[experts] = _experts_factory(cp, eps)
+        table[experts] = experts_module(cp, epsilon)
     mlp = _class(family, family.mlp, model_type)
     if cp and mlp is not None:
         table[(mlp, operator.mul)] = detached_mul(family.gate_position)

@@ -29,8 +29,9 @@ from .. import functional as lf
 from .. import modules as lm
 from ..core.composite import Composite
 from . import native
-from ._common import (activation_calls, arithmetic, attention_calls, epsilon_rule, identity_module,
-                      layer_norm_module, linear_calls, python_activations, with_epsilon)
+from ._common import (activation_calls, arithmetic, attention_calls, epsilon_rule, experts_module,
+                      identity_module, layer_norm_module, linear_calls, python_activations,
+                      with_epsilon)
 
 _RMS_NAME = re.compile(r"rms_?norm", re.IGNORECASE)
 
@@ -108,8 +109,7 @@ def layer_map(model: nn.Module, cp: bool = False, epsilon=None) -> dict:
         if _is_rms_like(module):
             kinds[t] = identity_module
         elif _is_experts(module):
-            kw = {} if epsilon is None else {"epsilon": epsilon}
-            kinds[t] = _experts(cp, kw)
+            kinds[t] = experts_module(cp, epsilon)
     table.update(kinds)
     table.update({nn.GELU: lm.GELUIdentity, nn.SiLU: lm.SiLUIdentity, nn.ReLU: lm.ReLUIdentity,
                   nn.Tanh: lm.TanhIdentity})
@@ -128,14 +128,6 @@ def layer_map(model: nn.Module, cp: bool = False, epsilon=None) -> dict:
     table.update(attention_calls(cp, epsilon))
     table.update(arithmetic(epsilon))
     return table
-
-
-def _experts(cp: bool, kw: dict):
-    def experts(module):
-        return lm.MoEExperts.from_module(module, cp=cp, **kw)
-
-    experts.__name__ = experts.__qualname__ = "MoEExperts" + ("[cp]" if cp else "")
-    return experts
 
 
 def _name(method: str, model: nn.Module) -> str:
