@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml requirements-pinned.txt
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # compact run on the oldest supported transformers (4.57), in its own environment
 COMPAT := .venv-compat

@@ -642,11 +642,12 @@ def smollm2_relevance(smollm2):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rule", sorted(COMPOSITES))
+@pytest.mark.parametrize("rule", [r for r in sorted(COMPOSITES) if r.endswith("-gradient")])
 def test_smollm2_matches_reference(smollm2, smollm2_relevance, rule):
     """float32, lxt's default epsilon (1e-6) against the reference (epsilon -> 0): Pearson
     >= 0.99 per prompt, over all tokens and without the first one (whose large relevance
-    could dominate the correlation)."""
+    could dominate the correlation).  The default (gradient) engine; the explicit engine
+    agrees with it on SmolLM2 (test_engines.py::test_smollm2_engines_agree_on_the_benchmark_prompts)."""
     model, tokenizer = smollm2
     ref = reference_model(model, cp=COMPOSITES[rule][1])
     rels, tops = smollm2_relevance(rule)
