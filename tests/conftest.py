@@ -29,3 +29,14 @@ def stab(z, eps):
     sign = torch.ones_like(z)
     sign[z < 0] = -1.0
     return z + eps * sign
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny Llama and its word-level tokenizer saved as a model folder (``--model DIR``)."""
+    from models import tiny_llama, tiny_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny-llm")
+    tiny_llama("sdpa", torch.float32).save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return d

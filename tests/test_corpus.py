@@ -13,20 +13,11 @@ import torch
 
 from lxt import corpus
 from lxt.cli import main
-from models import tiny_llama, tiny_tokenizer
 
 #: a method without a composite trace keeps these tests cheap (the sharding, resume and merge
 #: do not depend on it); the AttnLRP path is run with accelerate's device map below
 METHOD = "input_x_gradient"
 WORDS = "the capital of france is paris a cat sat on mat and dog ran in park big red city".split()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llm")
-    tiny_llama("sdpa", torch.float32).save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
-    return d
 
 
 def prompt_file(path, n, seed=0):

@@ -193,14 +193,6 @@ def test_png_and_terminal(llm, tmp_path):
 
 
 # ------------------------------------------------------------------ command line
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llm")
-    tiny_llama("sdpa", torch.float32).save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
-    return d
-
-
 def test_cli_explain_writes_files(model_dir, tmp_path, capsys):
     rc = main(["explain", "the capital of france is", "--model", str(model_dir), "--target", " paris",
                "--html", str(tmp_path / "o.html"), "--png", str(tmp_path / "o.png"),

@@ -27,6 +27,7 @@ import lxt
 import lxt.modules as lm
 from lxt.composites import bert, native
 from test_composite import assert_restored, snapshot
+from test_reference_formulation import identity_grad, scale_grad
 
 D = torch.float64
 EPS = 1e-12
@@ -36,19 +37,6 @@ ENGINES = ["gradient", "explicit"]
 # ----------------------------------------------------------------------------------------
 # the reference formulation (no lxt)
 # ----------------------------------------------------------------------------------------
-
-
-def scale_grad(t, s):
-    """Value ``t``, gradient scaled by ``s``."""
-    d = t.detach()
-    return d + (t - d) * s
-
-
-def identity_grad(f, x):
-    """Value ``f(x)``, gradient ``f(x) / x`` (identity rule)."""
-    y = f(x)
-    ratio = torch.where(x == 0, torch.zeros_like(y), y / torch.where(x == 0, torch.ones_like(x), x))
-    return y.detach() + (x - x.detach()) * ratio.detach()
 
 
 def ref_layer_norm(x, weight, bias, eps):

@@ -26,7 +26,8 @@ from torchvision.models.vision_transformer import VisionTransformer  # noqa: E40
 import lxt  # noqa: E402
 
 from lxt.composites import torchvision_vit as tv  # noqa: E402
-from test_composite import assert_restored, snapshot  # noqa: E402
+from test_composite import assert_restored, snapshot
+from test_reference_formulation import identity_grad, scale_grad  # noqa: E402
 
 D = torch.float64
 EPS = 1e-12
@@ -52,17 +53,6 @@ def tiny_vit(dtype=D, seed=0):
 # ----------------------------------------------------------------------------------------
 # the reference formulation (no lxt)
 # ----------------------------------------------------------------------------------------
-
-
-def scale_grad(t, s):
-    d = t.detach()
-    return d + (t - d) * s
-
-
-def identity_grad(f, x):
-    y = f(x)
-    ratio = torch.where(x == 0, torch.zeros_like(y), y / torch.where(x == 0, torch.ones_like(x), x))
-    return y.detach() + (x - x.detach()) * ratio.detach()
 
 
 def gamma_grad(call, x, weight, bias, gamma):
