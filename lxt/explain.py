@@ -51,6 +51,10 @@ class Explanation:
     position : int, optional
         Language models: the index in :attr:`tokens` whose output (next-token or masked-token
         prediction) was explained.
+    partial : str, optional
+        LRP methods: what ran without an LRP rule on the relevance path (operations the
+        composite has no rule for), when the result was asked for with ``partial=True``;
+        ``None`` when every operation had its rule.
     """
 
     tokens: Optional[list]
@@ -64,6 +68,7 @@ class Explanation:
     latent: dict = field(default_factory=dict)
     image: Optional[Tensor] = None
     position: Optional[int] = None
+    partial: Optional[str] = None
 
     # ------------------------------------------------------------------ views
     def top(self, k: int = 5) -> list:
@@ -85,6 +90,7 @@ class Explanation:
             "logit": self.logit,
             "method": self.method,
             "position": self.position,
+            "partial": self.partial,
         }
 
     def show(self) -> None:
@@ -122,7 +128,8 @@ class Explanation:
 
     def __repr__(self):
         what = f"{len(self.tokens)} tokens" if self.tokens is not None else f"image {tuple(self.relevance.shape)}"
-        return (f"Explanation({self.method}, target={self.target!r}, logit={self.logit:.4f}, {what})")
+        part = ", PARTIAL" if self.partial else ""
+        return (f"Explanation({self.method}, target={self.target!r}, logit={self.logit:.4f}, {what}{part})")
 
 
 # ---------------------------------------------------------------------- helpers
@@ -426,15 +433,38 @@ def _short(prompt: str, n: int = 40) -> str:
 
 
 def _explain_text_batch(model, tokenizer, prompts, targets, contrast, method, steps, layers,
-                        positions):
+                        positions, partial=False):
     kind = _kind(model)
     ids, mask = _tokenize(tokenizer, prompts, kind == "causal")
     return _explain_ids(model, tokenizer, ids, mask, prompts, targets, contrast, method, steps,
-                        layers, kind, positions)
+                        layers, kind, positions, partial)
+
+
+def _uncovered(model, method: str, partial: bool) -> Optional[str]:
+    """LRP methods, after the forward: what the registered composite left without an LRP rule
+    on the relevance path (``None``: nothing).  Refused (``ValueError``, before the backward)
+    unless ``partial``: an LRP result never turns partial without the caller asking."""
+    from .core.dispatch import describe_ops
+
+    comp = registered_composite(model) if method in LRP_METHODS else None
+    if comp is None:
+        return None
+    summary = comp.summary()
+    what = ([summary.failure] if summary.failure else []) + (
+        [describe_ops(summary.unsafe)] if summary.unsafe else [])
+    if not what:
+        return None
+    text = "; ".join(what)
+    if not partial:
+        raise ValueError(
+            f"lxt: {method} would be partial: no LRP rule on the relevance path for {text}. Map "
+            "them in the composite's layer map (lxt.Composite), or pass partial=True to get the "
+            "partial result (Explanation.partial names what it lacks).")
+    return text
 
 
 def _explain_ids(model, tokenizer, ids, mask, prompts, targets, contrast, method, steps, layers,
-                 kind, positions):
+                 kind, positions, partial=False):
     limit = _context_length(model)
     if limit is not None and ids.shape[1] > limit:
         raise ValueError(f"lxt: the prompt is {ids.shape[1]} tokens, longer than the model's context of {limit}.")
@@ -466,6 +496,7 @@ def _explain_ids(model, tokenizer, ids, mask, prompts, targets, contrast, method
             x = base.detach().clone().requires_grad_()
             logits = _forward_text(model, x, mask, last_only)
             values, tid, cid, parts = _select(logits, rows, targets, contrast)
+            missing = _uncovered(model, method, partial)
             if method in LRP_METHODS:
                 _backward_lrp(values, parts)  # start with R = the explained value
                 rel_full = x.grad.float()
@@ -488,7 +519,8 @@ def _explain_ids(model, tokenizer, ids, mask, prompts, targets, contrast, method
             target=tokenizer.decode([tid[b]]) if lm else tid[b], target_id=tid[b],
             logit=float(values[b].detach()), method=method, prompt=prompt,
             contrast=None if cid[b] is None else (tokenizer.decode([cid[b]]) if lm else cid[b]),
-            latent=latent, position=positions[b]))
+            latent=latent, position=positions[b],
+            partial=missing if method in LRP_METHODS else None))
     return out
 
 
@@ -535,7 +567,7 @@ def _select(logits, rows, targets, contrast):
 
 
 # ---------------------------------------------------------------------- images
-def _explain_image(model, pixel_values, target, method, steps, layers, composite, channel_dim=1):
+def _explain_image(model, pixel_values, target, method, steps, layers, composite, partial=False):
     if pixel_values.dim() == 3:
         pixel_values = pixel_values[None]
     if pixel_values.dim() != 4 or pixel_values.shape[0] != 1:
@@ -568,6 +600,7 @@ def _explain_image(model, pixel_values, target, method, steps, layers, composite
         else:
             x = base.detach().clone().requires_grad_()
             v, tid = run(x)
+            missing = _uncovered(model, method, partial)
             if method in LRP_METHODS:
                 v.backward(v.detach())
                 rel = x.grad.float()
@@ -577,6 +610,7 @@ def _explain_image(model, pixel_values, target, method, steps, layers, composite
     per_pixel = rel[0].norm(dim=0) if method == "gradient" else rel[0].sum(0)
     return Explanation(tokens=None, relevance=per_pixel.detach().cpu(), target=tid, target_id=tid,
                        logit=float(v.detach()), method=method, latent={k: v_[0] for k, v_ in store.items()},
+                       partial=missing if method in LRP_METHODS else None,
                        image=pixel_values[0].detach().float().cpu())
 
 
@@ -669,7 +703,8 @@ def _eval_mode(model: nn.Module):
 def explain(model: nn.Module, tokenizer=None, inputs=None, *, target=None, contrast=None,
             generate: int = 0, method: str = "attnlrp", steps: int = 50,
             layers: Optional[Sequence[str]] = None, batch_size: int = 8,
-            composite=None, progress: Optional[bool] = None, position: Optional[int] = None):
+            composite=None, progress: Optional[bool] = None, position: Optional[int] = None,
+            partial: bool = False):
     """Explain a prediction with one forward and one backward pass.
 
     Every argument is checked before the model runs; a bad one raises ``TypeError`` or
@@ -720,12 +755,21 @@ def explain(model: nn.Module, tokenizer=None, inputs=None, *, target=None, contr
         Language models: explain the prediction at this token index of the prompt (negative
         counts from the end).  Default: the last token (causal LMs) or the prompt's one
         mask token (masked LMs such as ``BertForMaskedLM``).
+    partial : bool
+        LRP methods: an operation on the relevance path that the composite has no rule for
+        (a custom ``torch.autograd.Function``, an op missing from a custom layer map) makes
+        the relevance not LRP there, so by default the call raises ``ValueError`` naming it
+        (after the forward, before the backward).  ``partial=True`` returns the result
+        anyway, with :attr:`Explanation.partial` saying what it lacks.  A ``strict``
+        composite refuses in any case.
 
     Returns
     -------
     Explanation, or list of Explanation (for a list of prompts or ``generate``).
     """
     method = _check_method(method)
+    if not isinstance(partial, bool):
+        raise TypeError(f"lxt: partial must be True or False, got {partial!r}.")
     if not isinstance(model, nn.Module):
         raise TypeError(f"lxt: explain needs a torch model, got {type(model).__name__}.")
     steps = _check_count("steps", steps, 1)
@@ -741,7 +785,7 @@ def explain(model: nn.Module, tokenizer=None, inputs=None, *, target=None, contr
             raise ValueError("lxt: generate= and position= are for text models; an image is "
                              "explained as a whole.")
         with _eval_mode(model):
-            return _explain_image(model, inputs, target, method, steps, layers, composite)
+            return _explain_image(model, inputs, target, method, steps, layers, composite, partial)
     _check_tokenizer(tokenizer)
     prompts = _check_prompts(inputs)
     kind = _kind(model)
@@ -760,7 +804,8 @@ def explain(model: nn.Module, tokenizer=None, inputs=None, *, target=None, contr
                              f"{type(model).__name__} does not generate.")
         _positions(model, tokenizer, prompts, None, kind)  # context length
         with _eval_mode(model), _patched(model, method, composite):
-            return _explain_generation(model, tokenizer, inputs, generate, method, steps, layers)
+            return _explain_generation(model, tokenizer, inputs, generate, method, steps, layers,
+                                       partial)
     single = isinstance(inputs, str)
     targets = list(target) if isinstance(target, (list, tuple)) else [target] * len(prompts)
     if len(targets) != len(prompts):
@@ -775,11 +820,12 @@ def explain(model: nn.Module, tokenizer=None, inputs=None, *, target=None, contr
         for start in _progress(batches, len(batches), "lxt explain", show):
             stop = start + batch_size
             out.extend(_explain_text_batch(model, tokenizer, prompts[start:stop], targets[start:stop],
-                                           contrast, method, steps, layers, positions[start:stop]))
+                                           contrast, method, steps, layers, positions[start:stop],
+                                           partial))
     return out[0] if single else out
 
 
-def _explain_generation(model, tokenizer, prompt, n, method, steps, layers):
+def _explain_generation(model, tokenizer, prompt, n, method, steps, layers, partial=False):
     ids, mask = _tokenize(tokenizer, [prompt], True)
     limit = _context_length(model)
     if limit is not None and ids.shape[1] + n - 1 > limit:
@@ -796,7 +842,7 @@ def _explain_generation(model, tokenizer, prompt, n, method, steps, layers):
             nxt = int(model(**kwargs).logits[0, -1].argmax())
         text = tokenizer.decode(ids[0])
         out.append(_explain_ids(model, tokenizer, ids, mask, [text], [nxt], None, method, steps,
-                                layers, "causal", [ids.shape[1] - 1])[0])
+                                layers, "causal", [ids.shape[1] - 1], partial)[0])
         if tokenizer.eos_token_id is not None and nxt == tokenizer.eos_token_id:
             break
         ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)

@@ -173,7 +173,7 @@ def benchmark(model, lengths, runs=5, ig_steps=50, ig_runs=1, vocab=None, log=pr
             for name in names:
                 row[f"{name}_s"], row[f"{name}_peak_mb"] = res[name]["s"], res[name]["peak_mb"]
                 row[f"{name}_saved_mb"] = saved_bytes(copies[name], emb, target) / 2**20
-                row[f"{name}_graphs"] = len(comps[name]._capture.graphs)
+                row[f"{name}_walks"] = comps[name]._dispatcher.walks
                 row[f"{name}_time_ratio"] = res[name]["time_ratio"]
                 row[f"{name}_peak_ratio"] = row[f"{name}_peak_mb"] / max(row["grad_peak_mb"], 1e-9)
                 row[f"{name}_saved_ratio"] = row[f"{name}_saved_mb"] / max(row["grad_saved_mb"], 1e-9)

@@ -12,7 +12,7 @@ def test_speed_benchmark_structure():
     assert [r["tokens"] for r in info["rows"]] == [8, 12] and len(lines) == 2
     for row in info["rows"]:
         for name in ("attnlrp", "cp-lrp"):
-            assert row[f"{name}_time_ratio"] > 0 and row[f"{name}_graphs"] == 1
+            assert row[f"{name}_time_ratio"] > 0 and row[f"{name}_walks"] <= 2
             assert row[f"{name}_saved_mb"] > 0
         assert row["ig_s"] > 0
     assert all(not p.requires_grad for p in model.parameters())  # frozen, as in the benchmark

@@ -460,7 +460,6 @@ def test_llama_float64_exact(rule):
     print(f"llama float64-exact {rule}: max|err|/max|R| {worst:.2e}")
 
 
-@pytest.mark.filterwarnings("ignore:lxt. the forward was captured as 2 graphs")
 def test_llama_sequence_classification_matches_reference():
     """LlamaForSequenceClassification (AttnLRP; CP-LRP differs only inside the layers, covered
     above): the score head reads the last position (left padding).  Its first call costs ~6 s

@@ -82,11 +82,7 @@ def epsilon_rule(epsilon):
 
 def rms_norm_module(module):
     """RMSNorm modules -> :class:`lxt.modules.RMSNormIdentity` (sharing the weight; its gradient
-    form detaches the normaliser and keeps one number per row).  A module with an accelerate
-    hook (offloaded weights, loaded by the hook around its own forward) keeps its forward under
-    the identity rule instead."""
-    if getattr(module, "_hf_hook", None) is not None:
-        return IdentityRule()(module)
+    form detaches the normaliser and keeps one number per row)."""
     return lm.RMSNormIdentity.from_module(module)
 
 

@@ -3,9 +3,11 @@
 A composite is a layer map (``matcher -> rule``; first match wins) plus per-layer override
 maps.  ``register(model)``
 
-1. replaces the modules the map names (``nn.Linear -> EpsilonRule``) by rule-carrying modules,
-2. captures the forward with TorchDynamo and rewrites the functional calls the map names
-   (``operator.add -> lf.add2``, ``"mul" -> lf.mul2``) in the captured graph,
+1. replaces the modules the map names (``nn.Linear -> EpsilonRule``) by rule-carrying modules
+   (in the gradient engine a layer whose rule is its plain gradient stays as it is),
+2. hooks the model's modules so that, while it runs, every functional call the map names
+   (``operator.add -> lf.add2``, ``"mul" -> lf.mul2``) runs that rule instead
+   (:mod:`lxt.core.dispatch`: nothing is captured or compiled),
 3. freezes the parameters (weights are constants of the rules; no relevance flows to them).
 
 Every change is recorded before it is made; ``remove()`` undoes all of them.
@@ -21,10 +23,10 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 import torch
 from torch import nn
 
-from ..rules.base import EPSILON, Rule, bind_engine
+from ..rules.base import EPSILON, Rule
+from .dispatch import (CHOSEN_PLAIN, OWN_BACKWARD, PLAIN_OK, Dispatcher, OpRecord, PatchedForward,
+                       describe_ops, op_name, unsafe_ops)
 from .opaque import LxtModule
-from .tracing import (CHOSEN_PLAIN, PLAIN_OK, Capture, OpRecord, PatchedForward, describe_ops,
-                      make_backend, unsafe_ops)
 
 __all__ = ["Composite", "LayerMap", "ENGINES", "METHODS"]
 
@@ -143,14 +145,18 @@ class LayerMap:
         return False, None, None
 
     def call_value(self, target, owner_type):
+        """The first entry matching a call of ``target`` made directly inside a module of type
+        ``owner_type``: ``(found, value, key)``.  Calls match by op, whatever alias spells
+        them (``operator.add``, ``torch.add`` and ``"add"`` are one op)."""
+        op = op_name(target)
         for key, value in self.entries:
             if isinstance(key, tuple):
                 scope, fn = key
                 if _is_module_type(fn):
                     continue
-                if owner_type is not None and issubclass(owner_type, scope) and _same_target(fn, target):
+                if owner_type is not None and issubclass(owner_type, scope) and _same_op(fn, op):
                     return True, value, key
-            elif not _is_module_type(key) and _same_target(key, target):
+            elif not _is_module_type(key) and _same_op(key, op):
                 return True, value, key
         return False, None, None
 
@@ -159,10 +165,11 @@ class LayerMap:
         return f"LayerMap({{{rows}}})"
 
 
-def _same_target(key, target) -> bool:
-    if isinstance(key, str) or isinstance(target, str):
-        return key == target
-    return key is target
+def _same_op(key, op) -> bool:
+    k = op_name(key)
+    if isinstance(k, str) or isinstance(op, str):
+        return k == op
+    return k is op
 
 
 def _matches(pattern: str, names: Iterable[str]) -> bool:
@@ -187,8 +194,8 @@ class Composite:
         qualified name (or an ancestor's) matches the glob pattern, and for graph calls owned
         by such modules, these entries come before the layer map.  Earlier patterns first.
     trace : bool
-        Capture the forward with TorchDynamo and rewrite functional calls (default).  With
-        ``False`` only modules are replaced.
+        Rewrite functional calls while the model runs (default).  With ``False`` only
+        modules are replaced.
     freeze_parameters : bool
         Set ``requires_grad=False`` on every parameter while registered (restored by
         ``remove``), so weights are constants of the rules.
@@ -208,10 +215,15 @@ class Composite:
         with a larger one than the default runs explicitly in either engine.
     strict : bool
         Operations on the relevance path that the layer map leaves with plain gradients
-        (products, nonlinearities, ... ``summary().unsafe``) make the relevance not LRP there:
-        by default a ``UserWarning`` names each such operation and module at the first call
-        that captures them; with ``strict=True`` that call raises ``ValueError`` instead
-        (before the forward runs).
+        (products, nonlinearities, custom ``torch.autograd.Function`` classes ...
+        ``summary().unsafe``) make the relevance not LRP there: by default a ``UserWarning``
+        names each such operation and module at the first forward that runs them; with
+        ``strict=True`` that forward raises ``ValueError`` instead (its output is discarded).
+    partial : bool
+        Part of a forward that lxt cannot see at all (a ``torch.compile``'d region inside the
+        model) runs without any rule: by default the forward raises ``RuntimeError`` naming
+        it; ``partial=True`` accepts such a partial result with a warning
+        (``summary().failure`` says what was not covered).  ``strict=True`` always refuses.
     method : {"attnlrp", "cp-lrp"}, optional
         The method the layer map implements (set by the shipped tables; ``None`` for a
         custom map).  :func:`lxt.explain` refuses a composite of another method.
@@ -228,7 +240,7 @@ class Composite:
     def __init__(self, layer_map=None, overrides: Optional[Mapping] = None, *, trace: bool = True,
                  freeze_parameters: bool = True, name: Optional[str] = None,
                  engine: str = "gradient", epsilon: Optional[float] = None, strict: bool = False,
-                 method: Optional[str] = None):
+                 method: Optional[str] = None, partial: bool = False):
         if engine not in ENGINES:
             raise ValueError(f"lxt: engine must be one of {', '.join(map(repr, ENGINES))}, got {engine!r}.")
         if method not in (None,) + METHODS:
@@ -239,6 +251,7 @@ class Composite:
 
         self.epsilon = EPSILON if epsilon is None else _check_epsilon(epsilon)
         self.strict = bool(strict)
+        self.partial = bool(partial)
         self.method = method
         self.layer_map = LayerMap(layer_map)
         if overrides is not None and not isinstance(overrides, Mapping):
@@ -255,9 +268,9 @@ class Composite:
         self.name = name or "Composite"
         self.model: Optional[nn.Module] = None
         self._undo: list[Callable[[], None]] = []
-        self._modules: list[tuple[str, str, str]] = []  # (name, type, rule)
-        self._capture: Optional[Capture] = None
-        self._forward: Optional[PatchedForward] = None
+        self._modules: list[tuple[str, str, str, bool]] = []  # (name, type, rule, kept as it is)
+        self._dispatcher: Optional[Dispatcher] = None
+        self._warned: set = set()  # (op, module) pairs already warned about
         self._swaps: list = []  # (parent, name, original, replacement), for suspended()
         self._installed: Optional[tuple] = None  # (had forward, previous, installed)
 
@@ -273,18 +286,16 @@ class Composite:
                 return found, value
         return False, None
 
-    def _resolve_call(self, target, stack):
-        """(replacement, label) for a graph call; (None, None) for plain gradient, or
+    def _resolve_call(self, target, info):
+        """(replacement, label) for a call of ``target`` inside the module ``info`` (a
+        :class:`lxt.core.dispatch.ModuleInfo`); (None, None) for plain gradient, or
         (None, CHOSEN_PLAIN) where the map says ``None``."""
-        names = [n for n, _ in stack if n]
-        owner_type = stack[-1][1] if stack else None
-        for lm in self._maps_for(names):
-            found, value, key = lm.call_value(target, owner_type)
+        for lm in self._maps_for(info.names):
+            found, value, key = lm.call_value(target, info.type)
             if found:
                 if value is None:
                     return None, CHOSEN_PLAIN  # plain gradient by the user's choice
-                return bind_engine(_call_replacement(value, target), self._gradient,
-                                   self.epsilon), _describe(value)
+                return _call_replacement(value, target), _describe(value)
         return None, None
 
     @property
@@ -321,16 +332,17 @@ class Composite:
             warnings.warn("lxt: the model is in training mode (dropout is active); call "
                           "model.eval() for deterministic explanations.", stacklevel=2)
         self._check_overrides(model)
-        plan = self._plan_modules(model)  # builds every replacement before changing anything
+        plan, covered = self._plan_modules(model)  # builds every replacement before changing anything
         self.model = model
         try:
             self._record_training(model)
             for parent, child_name, original, replacement, qualname, label in plan:
-                self._swap(parent, child_name, original, replacement)
-                self._modules.append((qualname, type(original).__name__, label))
+                if replacement is not original:
+                    self._swap(parent, child_name, original, replacement)
+                self._modules.append((qualname, type(original).__name__, label, replacement is original))
             if self.freeze_parameters:
                 self._freeze(model)
-            self._patch_forward(model)
+            self._patch_forward(model, covered)
         except BaseException:
             self.remove()
             raise
@@ -341,9 +353,6 @@ class Composite:
         while self._undo:
             undo = self._undo.pop()
             undo()
-        if self._forward is not None:
-            self._forward.release()
-        self._forward = None
         self.model = None
         self._modules = []
         self._swaps = []
@@ -371,6 +380,7 @@ class Composite:
         model = self.model
         swaps = list(self._swaps)
         had, previous, installed = self._installed or (False, None, None)
+        dispatcher, was = self._dispatcher, self._dispatcher.suspended if self._dispatcher else False
         for parent, name, original, _ in reversed(swaps):
             parent._modules[name] = original
         if installed is not None:
@@ -378,9 +388,13 @@ class Composite:
                 model.__dict__["forward"] = previous
             else:
                 model.__dict__.pop("forward", None)
+        if dispatcher is not None:
+            dispatcher.suspended = True
         try:
             yield
         finally:
+            if dispatcher is not None:
+                dispatcher.suspended = was
             for parent, name, _, replacement in swaps:
                 parent._modules[name] = replacement
             if installed is not None:
@@ -400,8 +414,13 @@ class Composite:
                 warnings.warn(f"lxt: override pattern {pattern!r} matches no module of "
                               f"{type(model).__name__}; it has no effect.", stacklevel=3)
 
-    def _plan_modules(self, model: nn.Module) -> list:
-        plan = []
+    def _plan_modules(self, model: nn.Module) -> tuple:
+        """``(plan, covered)``: the module swaps to make (``(parent, name, original,
+        replacement, qualname, label)``; a replacement that is the original stays as it is)
+        and the ids of modules that already run their own rule."""
+        from torch._dynamo.eval_frame import OptimizedModule
+
+        plan, covered = [], set()
 
         def visit(parent: nn.Module, prefix: str):
             for child_name, child in list(parent._modules.items()):
@@ -409,18 +428,47 @@ class Composite:
                     continue
                 qualname = f"{prefix}.{child_name}" if prefix else child_name
                 if isinstance(child, LxtModule):
-                    continue  # already carries a rule: never nest
+                    covered.add(id(child))  # already carries a rule: never nest
+                    continue
+                if isinstance(child, OptimizedModule):
+                    # a torch.compile'd submodule runs as its original module while registered
+                    # (compiled code would run without the rules)
+                    original = child._orig_mod
+                    plan.append((parent, child_name, child, original, qualname, "its uncompiled module"))
+                    child = original
                 found, value = self._module_value(qualname, child, parent)
                 if found and value is not None:
-                    replacement = _build_module(value, child, qualname)
+                    replacement = self._module_rule(value, child, qualname)
                     if isinstance(replacement, LxtModule):
                         replacement.__dict__["_lxt_engine"] = (self._gradient, self.epsilon)
-                    plan.append((parent, child_name, child, replacement, qualname, _describe(value)))
+                        hook = getattr(child, "_hf_hook", None)
+                        if hook is not None and not isinstance(child, LxtModule):
+                            replacement.__dict__["_lxt_offload"] = hook  # accelerate's offloading
+                    covered.add(id(replacement))  # runs its own rule: nothing rewritten inside
+                    if plan and plan[-1][3] is child and plan[-1][2] is not child:  # uncompiled, then replaced
+                        plan[-1] = plan[-1][:3] + (replacement,) + plan[-1][4:5] + (_describe(value),)
+                    else:
+                        plan.append((parent, child_name, child, replacement, qualname, _describe(value)))
                     continue
                 visit(child, qualname)
 
         visit(model, "")
-        return plan
+        return plan, covered
+
+    def _module_rule(self, value, module: nn.Module, qualname: str) -> nn.Module:
+        """The module that runs ``module`` under ``value``; ``module`` itself where the rule
+        is its plain gradient in this engine (the gradient engine leaves such layers, e.g.
+        linear layers under the epsilon rule, as they are)."""
+        if self._gradient:
+            rule = value() if isinstance(value, type) and issubclass(value, Rule) else value
+            if isinstance(rule, Rule) and rule.plain_gradient_module:
+                try:
+                    rule.check_module(module)
+                except Exception as err:
+                    raise TypeError(f"lxt: cannot build {_describe(value)} for module '{qualname}' "
+                                    f"({type(module).__name__}): {err}") from err
+                return module
+        return _build_module(value, module, qualname)
 
     def _swap(self, parent: nn.Module, name: str, original: nn.Module, replacement: nn.Module):
         def undo(parent=parent, name=name, original=original):
@@ -458,7 +506,7 @@ class Composite:
         for _, p in named:
             p.requires_grad_(False)
 
-    def _patch_forward(self, model: nn.Module) -> None:
+    def _patch_forward(self, model: nn.Module, covered: set) -> None:
         had = "forward" in model.__dict__
         previous = model.__dict__.get("forward")
 
@@ -469,14 +517,14 @@ class Composite:
                 model.__dict__.pop("forward", None)
 
         self._undo.append(undo)
-        names = {str(id(m)): n for n, m in model.named_modules()}
-        self._capture = Capture()
-        backend = make_backend(self._resolve_call, names, self._capture,
-                               check=self._check_unsafe if self.strict else None)
+        dispatcher = self._dispatcher = Dispatcher(self._resolve_call, self._gradient, self.epsilon,
+                                                   trace=self.trace)
+        self._undo.append(dispatcher.remove)
+        self._warned = set()
+        root = dispatcher.install(model, covered)
         original = model.forward  # bound method (or a previous instance forward, e.g. accelerate's)
-        patched = PatchedForward(original, backend, self._capture, self.trace, model=model,
+        patched = PatchedForward(original, dispatcher, root, check=self._after_forward,
                                  gradient=self._gradient, epsilon=self.epsilon)
-        self._forward = patched
 
         def forward(*args, **kwargs):
             return patched(*args, **kwargs)
@@ -489,22 +537,39 @@ class Composite:
         model.__dict__["forward"] = forward
         self._installed = (had, previous, forward)
 
-    def _check_unsafe(self, records) -> None:
-        """``strict=True``: refuse a captured graph that leaves unsafe operations on the
-        relevance path."""
+    def _after_forward(self, records) -> None:
+        """After a forward that ran operations not seen before: refuse (``strict``, or a part
+        lxt could not see) or warn once per operation and module about unsafe ones."""
         unsafe = unsafe_ops(records)
-        if unsafe:
+        failure = self._dispatcher.failure if self._dispatcher is not None else None
+        if self.strict and unsafe:
             raise ValueError(
                 f"lxt: strict {self.name}: operations on the relevance path have no LRP rule: "
                 f"{describe_ops(unsafe)}. Map them in the layer map (e.g. operator.mul: "
                 "lxt.functional.mul2), or map them to None to accept plain gradients there."
             )
+        compiled = [r for r in records if r.status == "compiled region"]
+        if compiled and (self.strict or not self.partial):
+            raise RuntimeError(
+                f"lxt: {failure}, so the relevance would not be LRP there; explain the model "
+                "without torch.compile inside it, or pass partial=True to accept a partial result.")
+        fresh = [r for r in unsafe if (r.op, r.module) not in self._warned]
+        if compiled:
+            warnings.warn(f"lxt: {failure}: the result is partial (partial=True).", UserWarning, stacklevel=4)
+        if fresh:
+            self._warned.update((r.op, r.module) for r in fresh)
+            warnings.warn(
+                f"lxt: operations on the relevance path have no LRP rule and pass plain gradients, "
+                f"so the relevance is not LRP there: {describe_ops(fresh)}. Map them in the "
+                "composite's layer map (e.g. operator.mul: lxt.functional.mul2), or pass "
+                "strict=True to the Composite to make this an error. Composite.summary() lists "
+                "every operation.", UserWarning, stacklevel=4)
 
     # ------------------------------------------------------------------ report
     @property
     def captured_ops(self) -> list[OpRecord]:
-        """Every floating-point operation captured so far (after at least one forward)."""
-        return [r for g in (self._capture.graphs if self._capture else []) for r in g]
+        """Every floating-point operation seen so far (after at least one forward)."""
+        return list(self._dispatcher.records.values()) if self._dispatcher is not None else []
 
     def summary(self) -> "Summary":
         """What every replaced module and captured operation got.
@@ -564,15 +629,15 @@ class Summary:
         self.name = comp.name
         self.engine = comp.engine
         self.model_type = type(comp.model).__name__ if comp.model is not None else None
-        self.modules = list(comp._modules)
-        ops = [r for r in comp.captured_ops if r.status != "module rule"]
+        self.modules = [m[:3] for m in comp._modules]  # (name, type, rule)
+        self._kept = [m[3] for m in comp._modules]
+        ops = comp.captured_ops
         if any(r.on_path for r in ops):
             ops = [r for r in ops if r.on_path]
         self.ops = ops
-        cap = comp._capture
-        self.failure = cap.failure if cap else None
-        self.graph_breaks = cap.graph_breaks if cap else 0
-        self.n_graphs = len(cap.graphs) if cap else 0
+        d = comp._dispatcher
+        self.failure = d.failure if d is not None else None
+        self.calls = d.calls if d is not None else 0
 
     @property
     def plain(self) -> list[OpRecord]:
@@ -586,19 +651,20 @@ class Summary:
 
     def __str__(self) -> str:
         lines = [f"{self.name} on {self.model_type or '(no model)'} ({self.engine} engine)"]
-        lines.append(f"  modules replaced: {len(self.modules)}")
+        kept = sum(self._kept)
+        lines.append(f"  modules with a rule: {len(self.modules)}"
+                     + (f" ({kept} kept as they are: their rule is their plain gradient)" if kept else ""))
         agg: dict = {}
         for name, typ, rule in self.modules:
             agg.setdefault((typ, rule), []).append(name)
         for (typ, rule), names in agg.items():
             lines.append(f"    {len(names):4d} x {typ:<28} -> {rule}   e.g. {names[0]}")
         if self.failure:
-            lines.append(f"  capture FAILED: {self.failure}")
-            lines.append("    functional calls outside replaced modules carry plain gradients")
-        elif self.n_graphs == 0:
-            lines.append("  operations: not captured yet (run a forward first)")
+            lines.append(f"  NOT COVERED: {self.failure}")
+        if self.calls == 0:
+            lines.append("  operations: none seen yet (run a forward first)")
         else:
-            lines.append(f"  captured graphs: {self.n_graphs} (graph breaks: {self.graph_breaks})")
+            lines.append(f"  operations seen in {self.calls} forward call{'s' if self.calls != 1 else ''}")
             groups: dict = {}
             for r in self.ops:
                 groups.setdefault((r.op, r.status, r.rewritten), []).append(r.module or "(top level)")

@@ -91,6 +91,15 @@ class LxtModule(nn.Module):
         return self._lrp_call(*args, **kwargs)
 
     def _lrp_call(self, *args, **kwargs):
+        hook = self.__dict__.get("_lxt_offload")
+        if hook is not None:
+            # the module this one replaces had accelerate's hook (offloaded weights): the hook
+            # loads this module's weights (the same names) around the rule, as it did there
+            args, kwargs = hook.pre_forward(self, *args, **kwargs)
+            return hook.post_forward(self, self._engine_call(*args, **kwargs))
+        return self._engine_call(*args, **kwargs)
+
+    def _engine_call(self, *args, **kwargs):
         # a composite sets the engine its modules run in (``_lxt_engine``: gradient form?,
         # its stabiliser); a module built by hand follows the caller's
         engine = self.__dict__.get("_lxt_engine")  # (gradient, epsilon)

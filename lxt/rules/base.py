@@ -231,6 +231,15 @@ def _name_of(fn: Any) -> str:
     return getattr(fn, "__name__", None) or getattr(fn, "__qualname__", None) or repr(fn)
 
 
+def _snapshot(t: Tensor) -> Tensor:
+    """``t`` as a copy-on-write clone: no copy is made unless one of the two is written to
+    (torch's lazy clone; where a torch build lacks it, ``t`` itself)."""
+    return _LAZY_CLONE(t) if _LAZY_CLONE is not None else t
+
+
+_LAZY_CLONE = getattr(torch, "_lazy_clone", None)
+
+
 class _RuleFunction(torch.autograd.Function):
     """Forward: ``fn(*args, **kwargs)`` as torch computes it.  Backward: ``rule.relevance``.
 
@@ -246,7 +255,7 @@ class _RuleFunction(torch.autograd.Function):
             # Run fn on detached copies under grad mode: the sub-graph gives the rule exact
             # vector-Jacobian products later, at the cost plain autograd would pay anyway.
             with torch.enable_grad():
-                leaves = [t.detach().requires_grad_(n) for t, n in zip(inputs, needs)]
+                leaves = [_snapshot(t.detach()).requires_grad_(n) for t, n in zip(inputs, needs)]
                 out = fn(*_fill(template, positions, leaves), **kwargs)
             if not isinstance(out, Tensor):
                 raise TypeError(
@@ -255,7 +264,7 @@ class _RuleFunction(torch.autograd.Function):
                 )
             ctx.save_for_backward(out, *leaves)
         else:
-            leaves = [t.detach() for t in inputs]
+            leaves = [_snapshot(t.detach()) for t in inputs]
             out = fn(*_fill(template, positions, leaves), **kwargs)
             if not isinstance(out, Tensor):
                 raise TypeError(
@@ -269,7 +278,9 @@ class _RuleFunction(torch.autograd.Function):
                 ctx.dtypes = [t.dtype for t in inputs]
         ctx.rule, ctx.fn, ctx.template, ctx.positions = rule, fn, template, positions
         ctx.kwargs, ctx.label, ctx.needs = kwargs, label, needs
-        return out.detach()
+        # the caller's tensor is a copy-on-write view of the kept one: code that changes it in
+        # place later (``h += x``) gets its own copy and leaves what the rule kept intact
+        return _snapshot(out.detach())
 
     @staticmethod
     def backward(ctx, relevance):
@@ -361,6 +372,12 @@ class Rule:
     keeps_graph = False
     #: keep the inputs and output values for backward (without a graph)
     saves_tensors = False
+
+    @property
+    def plain_gradient_module(self) -> bool:
+        """Whether this rule on a module is, in the gradient engine, the module's plain
+        gradient (a composite then leaves the module as it is: no wrapper)."""
+        return False
 
     # -- parameters, for repr / equality -------------------------------------------------
     def _params(self) -> dict:

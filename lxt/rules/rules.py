@@ -66,6 +66,11 @@ class EpsilonRule(Rule):
         return 1
 
     @property
+    def plain_gradient_module(self) -> bool:
+        # the gradient form below: the plain gradient (of a module called with its inputs)
+        return type(self) is EpsilonRule and self._limit
+
+    @property
     def _limit(self) -> bool:
         """Whether this rule is its epsilon -> 0 limit (epsilon at most the default), the case
         its gradient form computes; a larger epsilon runs explicitly in either engine."""
