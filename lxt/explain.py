@@ -199,8 +199,10 @@ def _patched(model, method, composite):
         with comp.context(model):
             yield
     else:
+        from .core.quantized import cpu_layout_kept
+
         with (registered.suspended() if registered is not None else contextlib.nullcontext()), \
-                frozen_parameters(model):
+                frozen_parameters(model), cpu_layout_kept(model):
             yield
 
 

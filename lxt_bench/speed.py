@@ -70,15 +70,21 @@ def ig_call(model, emb, target, steps=50):
     return emb * total / steps
 
 
+def _storage_address(t) -> int:
+    # the address of t's storage, read without writing access: a copy-on-write tensor (lxt's
+    # explicit rules keep those) stays shared, as it is in a run without this hook
+    return t.const_data_ptr() - t.storage_offset() * t.element_size()
+
+
 def saved_bytes(model, emb, target) -> int:
     """Bytes of the distinct storages kept for backward by one forward (weights excluded)."""
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    weights = {_storage_address(p) for p in model.parameters()}
     seen = {}
 
     def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in weights:
-            seen[st.data_ptr()] = st.nbytes()
+        address = _storage_address(t)
+        if address not in weights:
+            seen[address] = t.untyped_storage().nbytes()
         return t
 
     x = emb.clone().requires_grad_()

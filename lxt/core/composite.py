@@ -27,6 +27,7 @@ from ..rules.base import EPSILON, Rule
 from .dispatch import (CHOSEN_PLAIN, OWN_BACKWARD, PLAIN_OK, Dispatcher, OpRecord, PatchedForward,
                        describe_ops, op_name, unsafe_ops)
 from .opaque import LxtModule
+from .quantized import keep_cpu_layout
 
 __all__ = ["Composite", "LayerMap", "ENGINES", "METHODS"]
 
@@ -335,6 +336,7 @@ class Composite:
         plan, covered = self._plan_modules(model)  # builds every replacement before changing anything
         self.model = model
         try:
+            self._undo.append(keep_cpu_layout(model))  # bitsandbytes 4-bit layers keep a backward
             self._record_training(model)
             for parent, child_name, original, replacement, qualname, label in plan:
                 if replacement is not original:
