@@ -84,12 +84,17 @@ SHIMS = [
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 1024, 4096])
+    p.add_argument("--lengths", type=int, nargs="*", default=[128, 512, 1024, 4096])
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--attn", default="sdpa", help="attn_implementation (default sdpa, as our "
                    "load_smollm2; the published patch wraps every registered attention function)")
+    p.add_argument("--notebook-runs", type=int, default=0,
+                   help="paired rounds of speed.py's notebook, written with the published recipe (0: skip)")
+    p.add_argument("--first-call-runs", type=int, default=0,
+                   help="fresh processes per side for the first-call row (0: skip)")
     p.add_argument("--json")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--first-call-child", choices=["published", "plain"], help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -262,10 +267,136 @@ def check_switch(harness, patch, model, emb, target) -> None:
         sys.exit("switching the published patch in and out does not work")
 
 
+def load_tokenizer():
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(os.environ["LXT_SMOLLM2_DIR"], local_files_only=True)
+
+
+def published_explain(model, tok, inputs, target=None, contrast=None, generate=0, layers=None,
+                      batch_size=8) -> list:
+    """The work of one ``lxt.explain`` call (speed.py's NOTEBOOK entries), written with the
+    recipe the published README documents: tokenise (left padding), embed, forward on
+    ``inputs_embeds``, ``backward()`` from the explained logit (minus the contrast's), relevance
+    ``(x * x.grad).sum(-1)`` per token; ``generate``: greedy steps, each explained; ``layers``:
+    the gradient times the output of the matching modules.  The same function runs the plain
+    model (patch off) for the baseline."""
+    import fnmatch
+
+    import torch
+
+    def one(ids, mask, tid=None):
+        x = model.get_input_embeddings()(ids).detach().requires_grad_()
+        kept, hooks = [], []
+        for name, module in model.named_modules():
+            if layers and any(fnmatch.fnmatchcase(name, p) for p in layers):
+                def keep(mod, a, out, kept=kept):
+                    t = out[0] if isinstance(out, tuple) else out
+                    t.retain_grad()
+                    kept.append(t)
+                hooks.append(module.register_forward_hook(keep))
+        try:
+            logits = model(inputs_embeds=x, attention_mask=mask, use_cache=False, logits_to_keep=1).logits[:, -1]
+        finally:
+            for h in hooks:
+                h.remove()
+        ids_t = logits.argmax(-1) if tid is None else torch.full((logits.shape[0],), tid)
+        value = logits[torch.arange(logits.shape[0]), ids_t]
+        if contrast is not None:
+            value = value - logits[:, tok.encode(contrast, add_special_tokens=False)[0]]
+        value.sum().backward()
+        latent = [(t * t.grad).detach() for t in kept]
+        return (x * x.grad).sum(-1).detach(), ids_t, latent
+
+    prompts = [inputs] if isinstance(inputs, str) else list(inputs)
+    tid = tok.encode(target, add_special_tokens=False)[0] if target is not None else None
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    out = []
+    if generate:
+        enc = tok(prompts[0], return_tensors="pt")
+        ids, mask = enc.input_ids, enc.attention_mask
+        for _ in range(generate):
+            with torch.no_grad():
+                nxt = int(model(input_ids=ids, attention_mask=mask, use_cache=False).logits[0, -1].argmax())
+            out.append(one(ids, mask, nxt))
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+            mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], dim=1)
+        return out
+    for start in range(0, len(prompts), batch_size):
+        enc = tok(prompts[start:start + batch_size], return_tensors="pt", padding=True)
+        out.append(one(enc.input_ids, enc.attention_mask, tid))
+    return out
+
+
+def first_call_child(args) -> int:
+    """In a fresh process: (patch,) load, then time the first and second explanation."""
+    harness = load_harness()
+    patch = PublishedPatch() if args.first_call_child == "published" else None
+    t = time.perf_counter()
+    with (patch.active() if patch else contextlib.nullcontext()):
+        model = load_model(args.attn)
+        tok = load_tokenizer()
+        load_s = time.perf_counter() - t
+        times = []
+        for _ in range(2):
+            t = time.perf_counter()
+            published_explain(model, tok, "The capital of France is")
+            times.append(time.perf_counter() - t)
+    del harness
+    print(json.dumps({"side": args.first_call_child, "load_s": load_s, "first_s": times[0], "second_s": times[1]}))
+    return 0
+
+
+def first_calls(args) -> dict:
+    import statistics
+
+    results = {"plain": [], "published": []}
+    for _ in range(args.first_call_runs):
+        for side in results:
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", HF_HUB_OFFLINE="1")
+            out = subprocess.run([sys.executable, "-P", str(Path(__file__).resolve()), "--child",
+                                  "--first-call-child", side, "--attn", args.attn], env=env,
+                                 check=True, capture_output=True, text=True).stdout
+            results[side].append(json.loads(out.strip().splitlines()[-1]))
+    med = {s: {k: statistics.median(r[k] for r in rs) for k in ("load_s", "first_s", "second_s")}
+           for s, rs in results.items()}
+    row = {"runs": args.first_call_runs, "grad_first_s": med["plain"]["first_s"],
+           "published_first_s": med["published"]["first_s"], "grad_second_s": med["plain"]["second_s"],
+           "published_second_s": med["published"]["second_s"]}
+    row["published_first_extra_s"] = row["published_first_s"] - row["grad_first_s"]
+    print(f"first call of a process | x*grad {row['grad_first_s']:.2f} s | published lxt "
+          f"{row['published_first_s']:.2f} s (+{row['published_first_extra_s']:.2f} s)", flush=True)
+    return row
+
+
+def notebook(harness, patch, model, args) -> dict:
+    tok = load_tokenizer()
+
+    def run():
+        for call in harness.NOTEBOOK:
+            call = dict(call)
+            published_explain(model, tok, call.pop("inputs"), **call)
+
+    def published():
+        with patch.active():
+            run()
+
+    res = harness.paired({"grad": run, "published": published}, args.notebook_runs)
+    row = {"calls": len(harness.NOTEBOOK), "runs": args.notebook_runs, "grad_s": res["grad"]["s"],
+           "published_s": res["published"]["s"], "published_time_ratio": res["published"]["time_ratio"]}
+    print(f"notebook ({row['calls']} calls) | x*grad {row['grad_s']:.2f} s | published lxt "
+          f"{row['published_s']:.2f} s, {row['published_time_ratio']:.2f}x", flush=True)
+    return row
+
+
 def child(args) -> int:
     import torch
     import transformers
 
+    if args.first_call_child:
+        return first_call_child(args)
     harness = load_harness()
     patch = PublishedPatch()
     with patch.active():  # the published contract: patch first, then load
@@ -273,7 +404,7 @@ def child(args) -> int:
     print(f"published lxt {VERSION} (efficient AttnLRP, sdist sha256 {SDIST_SHA256[:12]}...) vs "
           f"input x gradient, SmolLM2-135M float32, attn={args.attn}, {torch.get_num_threads()} "
           f"threads; paired runs, medians of {args.runs} rounds; ratios against input x gradient in this run")
-    check_switch(harness, patch, model, *bench_input(model, min(args.lengths)))
+    check_switch(harness, patch, model, *bench_input(model, min(args.lengths or [8])))
     rows, relevance = [], None
     for n in args.lengths:
         emb, target = bench_input(model, n)
@@ -309,6 +440,10 @@ def child(args) -> int:
                           "module": lxt.__file__, "api": "lxt.efficient.monkey_patch(modeling_llama)",
                           "patched": patch.describe(), "shims": SHIMS},
             "relevance": relevance, "rows": rows}
+    if args.notebook_runs:
+        info["notebook"] = notebook(harness, patch, model, args)
+    if args.first_call_runs:
+        info["first_call"] = first_calls(args)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as f:

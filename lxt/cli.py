@@ -65,9 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--device-map", help="spread a model folder over the devices with "
                    "accelerate (e.g. auto; see README: offloading)")
     e.add_argument("--quiet", action="store_true", help="do not print heatmaps")
-    b = sub.add_parser("bench", help="benchmarks: `lxt bench speed ...`, `lxt bench faithfulness ...` "
-                       "(each has its own --help)")
-    b.add_argument("which", choices=["speed", "faithfulness"])
+    b = sub.add_parser("bench", help="benchmarks: `lxt bench speed ...`, `lxt bench faithfulness ...`, "
+                       "`lxt bench engines ...` (each has its own --help)")
+    b.add_argument("which", choices=["speed", "faithfulness", "engines"])
     b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the benchmark")
     return p
 
@@ -444,6 +444,10 @@ def main(argv=None) -> int:
                 from lxt_bench.speed import main as bench_main
 
                 return bench_main(args.rest, reexec=True)
+            if args.which == "engines":
+                from lxt_bench.engines import main as bench_main
+
+                return bench_main(args.rest)
             from lxt_bench.faithfulness import main as bench_main
 
             return bench_main(args.rest)

@@ -1,12 +1,22 @@
-"""Cost of one AttnLRP explanation relative to plain input x gradient, same model, same inputs,
+"""Cost of AttnLRP explanations relative to plain input x gradient, same model, same inputs,
 same process: paired runs (each round calls the baseline and every method once), medians of
-N rounds after a warm-up round.
+N rounds after a warm-up round.  Four views of the cost:
 
-Memory, two ways: the bytes of all tensors kept for backward (saved tensors, model weights
-excluded; deterministic), and the peak RSS increase over the call (sampled; glibc's mmap
-threshold is fixed so that freed tensors go back to the OS and RSS follows live memory).
+* **per call** (``--lengths``): one explanation of an n-token input, on a registered model;
+  time, and memory two ways: the bytes of all tensors kept for backward (saved tensors, model
+  weights excluded; deterministic), and the peak RSS increase over the call (sampled; glibc's
+  mmap threshold is fixed so that freed tensors go back to the OS and RSS follows live memory);
+* **notebook** (``--notebook-runs``): the seven ``lxt.explain`` calls of :data:`NOTEBOOK`
+  (the README's, plus two other lengths), each call registering and restoring the model as a
+  user's notebook does, against the same calls with ``method="input_x_gradient"``;
+* **first call** (``--first-call-runs``): a fresh process loads SmolLM2 and makes one
+  ``lxt.explain`` call; AttnLRP's first call against input x gradient's, in processes of
+  their own (torch's one-time warm-up is in both);
+* **depth** (``--depths``): the first explanation (register included) of a tiny random Llama
+  with 2, 8, 30 layers, against its plain first gradient.
 
-    lxt bench speed [--lengths 128 512 1024 4096] [--runs 5] [--explicit-up-to 1024] [--json out.json]
+    lxt bench speed [--lengths 128 512 1024 4096] [--runs 5] [--explicit-up-to 1024]
+                    [--notebook-runs 5] [--first-call-runs 3] [--depths 2 8 30] [--json out.json]
     .venv/bin/python benchmarks/speed.py ...   (the same)
 """
 from __future__ import annotations
@@ -200,6 +210,122 @@ def benchmark(model, lengths, runs=5, ig_steps=50, ig_runs=1, vocab=None, log=pr
             "pairing": "paired rounds, ratio = median over rounds of method / baseline time", "rows": rows}
 
 
+#: a user's notebook: the README's calls on SmolLM2, then two other lengths (3 to 17 words,
+#: two batches of two)
+NOTEBOOK = (
+    {"inputs": "The capital of France is"},
+    {"inputs": "The capital of France is", "target": " Paris", "contrast": " London"},
+    {"inputs": ["The capital of France is", "The capital of Italy is"], "batch_size": 8},
+    {"inputs": "The capital of France is", "generate": 8},
+    {"inputs": "The capital of France is", "layers": ["model.layers.*.mlp"]},
+    {"inputs": "Water boils at"},
+    {"inputs": ["The quick brown fox jumps over the lazy dog while the old farmer watches it from "
+                "his barn", "The largest planet of the solar system is"], "batch_size": 8},
+)
+
+
+def notebook_calls(model, tok, method: str) -> None:
+    """The :data:`NOTEBOOK` calls, each a plain ``lxt.explain`` call (no context)."""
+    import lxt
+
+    for call in NOTEBOOK:
+        lxt.explain(model, tok, method=method, progress=False, **call)
+
+
+def notebook(model, tok, runs: int, log=print) -> dict:
+    """Paired rounds of the whole notebook: input x gradient, AttnLRP, CP-LRP."""
+    fns = {"grad": lambda: notebook_calls(model, tok, "input_x_gradient"),
+           "attnlrp": lambda: notebook_calls(model, tok, "attnlrp"),
+           "cp-lrp": lambda: notebook_calls(model, tok, "cp-lrp")}
+    res = paired(fns, runs)
+    out = {"calls": len(NOTEBOOK), "runs": runs, "grad_s": res["grad"]["s"]}
+    for name in ("attnlrp", "cp-lrp"):
+        out[f"{name}_s"], out[f"{name}_time_ratio"] = res[name]["s"], res[name]["time_ratio"]
+    log(f"notebook ({len(NOTEBOOK)} explain calls) | x*grad {out['grad_s']:.2f} s | attnlrp "
+        f"{out['attnlrp_s']:.2f} s, {out['attnlrp_time_ratio']:.2f}x | cp-lrp {out['cp-lrp_s']:.2f} s, "
+        f"{out['cp-lrp_time_ratio']:.2f}x")
+    return out
+
+
+def _first_call_child(method: str) -> int:
+    """In a fresh process: load SmolLM2, time the first and the second explain call (JSON)."""
+    import lxt
+    from lxt_data import load_smollm2
+
+    t = time.perf_counter()
+    model, tok = load_smollm2()
+    load_s = time.perf_counter() - t
+    times = []
+    for _ in range(2):
+        t = time.perf_counter()
+        lxt.explain(model, tok, "The capital of France is", method=method, progress=False)
+        times.append(time.perf_counter() - t)
+    print(json.dumps({"method": method, "load_s": load_s, "first_s": times[0], "second_s": times[1]}))
+    return 0
+
+
+def first_calls(runs: int, log=print) -> dict:
+    """Medians over ``runs`` fresh processes per method (alternating) of the first explain call."""
+    import subprocess
+
+    results = {"input_x_gradient": [], "attnlrp": []}
+    for _ in range(runs):
+        for method in results:
+            out = subprocess.run([sys.executable, "-m", "lxt_bench.speed", "--first-call-child", method],
+                                 check=True, capture_output=True, text=True).stdout
+            results[method].append(json.loads(out.strip().splitlines()[-1]))
+    med = {m: {k: statistics.median(r[k] for r in rs) for k in ("load_s", "first_s", "second_s")}
+           for m, rs in results.items()}
+    out = {"runs": runs, "grad_first_s": med["input_x_gradient"]["first_s"],
+           "attnlrp_first_s": med["attnlrp"]["first_s"], "grad_second_s": med["input_x_gradient"]["second_s"],
+           "attnlrp_second_s": med["attnlrp"]["second_s"], "load_s": med["attnlrp"]["load_s"]}
+    out["attnlrp_first_extra_s"] = out["attnlrp_first_s"] - out["grad_first_s"]
+    log(f"first call of a process | x*grad {out['grad_first_s']:.2f} s | attnlrp "
+        f"{out['attnlrp_first_s']:.2f} s (+{out['attnlrp_first_extra_s']:.2f} s) | second call "
+        f"{out['grad_second_s']:.2f} s / {out['attnlrp_second_s']:.2f} s | load {out['load_s']:.1f} s")
+    return out
+
+
+def depth_rows(depths, tokens: int = 16, runs: int = 3, log=print) -> list:
+    """First explanation (register + first call) of fresh tiny Llamas of each depth, against
+    the plain first gradient of another fresh copy; medians of ``runs`` fresh models."""
+    import lxt.composites
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def fresh(layers):
+        torch.manual_seed(0)
+        cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, vocab_size=1000,
+                          max_position_embeddings=256, attn_implementation="sdpa")
+        model = LlamaForCausalLM(cfg).eval()
+        for prm in model.parameters():
+            prm.requires_grad_(False)
+        return model
+
+    def lrp_first(model, emb):
+        t = time.perf_counter()
+        with lxt.composites.attnlrp(model).context(model):
+            one_call(model, emb, 3)
+        return time.perf_counter() - t
+
+    def grad_first(model, emb):
+        t = time.perf_counter()
+        x = emb.clone().requires_grad_()
+        model(inputs_embeds=x, use_cache=False, logits_to_keep=1).logits[0, -1, 3].backward()
+        return time.perf_counter() - t
+
+    emb = torch.randn(1, tokens, 64)
+    lrp_first(fresh(2), emb), grad_first(fresh(2), emb)  # torch's one-time warm-up
+    rows = []
+    for layers in depths:
+        lrp = statistics.median(lrp_first(fresh(layers), emb) for _ in range(runs))
+        grad = statistics.median(grad_first(fresh(layers), emb) for _ in range(runs))
+        rows.append({"layers": layers, "attnlrp_first_s": lrp, "grad_first_s": grad, "extra_s": lrp - grad})
+        log(f"tiny Llama, {layers:2d} layers | first call: x*grad {grad*1e3:6.1f} ms | attnlrp "
+            f"(register + call) {lrp*1e3:6.1f} ms (+{(lrp - grad)*1e3:5.1f} ms)")
+    return rows
+
+
 def main(argv=None, reexec: bool = False):
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and (argv is None or reexec):
         # fixed mmap threshold: large tensors are returned to the OS when freed (RSS = live)
@@ -207,20 +333,40 @@ def main(argv=None, reexec: bool = False):
         os.execv(sys.executable, [sys.executable, *sys.argv])
     p = argparse.ArgumentParser(prog="lxt bench speed", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 1024, 4096])
+    p.add_argument("--lengths", type=int, nargs="*", default=[128, 512, 1024, 4096],
+                   help="per-call rows (none: skip)")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--ig-steps", type=int, default=50, help="0 to skip integrated gradients")
     p.add_argument("--explicit-up-to", type=int, default=1024,
                    help="also time the explicit engine's AttnLRP up to this many tokens (0: never)")
+    p.add_argument("--notebook-runs", type=int, default=5, help="paired rounds of the notebook (0: skip)")
+    p.add_argument("--first-call-runs", type=int, default=3,
+                   help="fresh processes per method for the first-call row (0: skip)")
+    p.add_argument("--depths", type=int, nargs="*", default=[2, 8, 30], help="tiny Llama depths (none: skip)")
+    p.add_argument("--first-call-child", help=argparse.SUPPRESS)
     p.add_argument("--json")
     args = p.parse_args(argv)
+    if args.first_call_child:
+        return _first_call_child(args.first_call_child)
     from lxt_data import load_smollm2
 
-    model, _ = load_smollm2()
+    model, tok = load_smollm2()
     print(f"SmolLM2-135M float32, {torch.get_num_threads()} threads; medians of {args.runs} runs; "
           "ratios against input x gradient in this run")
-    info = benchmark(model, args.lengths, args.runs, args.ig_steps, explicit_up_to=args.explicit_up_to)
-    print(f"register(): {info['register_s']*1e3:.0f} ms")
+    info = {"machine": platform.machine(), "cpus": psutil.cpu_count(), "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__, "threads": torch.get_num_threads(),
+            "date": time.strftime("%Y-%m-%d"), "runs": args.runs, "rows": []}
+    if args.lengths:
+        info.update(benchmark(model, args.lengths, args.runs, args.ig_steps, explicit_up_to=args.explicit_up_to))
+        print(f"register(): {info['register_s']*1e3:.0f} ms")
+    if args.notebook_runs:
+        for prm in model.parameters():  # as in benchmark(): frozen (explain freezes them too)
+            prm.requires_grad_(False)
+        info["notebook"] = notebook(model, tok, args.notebook_runs)
+    if args.first_call_runs:
+        info["first_call"] = first_calls(args.first_call_runs)
+    if args.depths:
+        info["depth"] = depth_rows(args.depths)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(info, f, indent=2)

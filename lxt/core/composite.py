@@ -150,27 +150,21 @@ class LayerMap:
         ``owner_type``: ``(found, value, key)``.  Calls match by op, whatever alias spells
         them (``operator.add``, ``torch.add`` and ``"add"`` are one op)."""
         op = op_name(target)
-        for key, value in self.entries:
-            if isinstance(key, tuple):
-                scope, fn = key
-                if _is_module_type(fn):
-                    continue
-                if owner_type is not None and issubclass(owner_type, scope) and _same_op(fn, op):
-                    return True, value, key
-            elif not _is_module_type(key) and _same_op(key, op):
+        calls = self.__dict__.get("_calls")
+        if calls is None:  # (op, scope or None, value, key) of the call entries, in order
+            calls = self._calls = [
+                (op_name(key[1]), key[0], value, key) if isinstance(key, tuple) else (op_name(key), None, value, key)
+                for key, value in self.entries
+                if not (_is_module_type(key) or (isinstance(key, tuple) and _is_module_type(key[1])))]
+        for k, scope, value, key in calls:
+            if (k == op if isinstance(k, str) or isinstance(op, str) else k is op) and (
+                    scope is None or (owner_type is not None and issubclass(owner_type, scope))):
                 return True, value, key
         return False, None, None
 
     def __repr__(self):
         rows = ", ".join(f"{_describe(k)}: {_describe(v)}" for k, v in self.entries)
         return f"LayerMap({{{rows}}})"
-
-
-def _same_op(key, op) -> bool:
-    k = op_name(key)
-    if isinstance(k, str) or isinstance(op, str):
-        return k == op
-    return k is op
 
 
 def _matches(pattern: str, names: Iterable[str]) -> bool:
@@ -272,6 +266,7 @@ class Composite:
         self._modules: list[tuple[str, str, str, bool]] = []  # (name, type, rule, kept as it is)
         self._dispatcher: Optional[Dispatcher] = None
         self._warned: set = set()  # (op, module) pairs already warned about
+        self._resolved: dict = {}  # (target, module type, override maps) -> (replacement, label)
         self._swaps: list = []  # (parent, name, original, replacement), for suspended()
         self._installed: Optional[tuple] = None  # (had forward, previous, installed)
 
@@ -290,14 +285,25 @@ class Composite:
     def _resolve_call(self, target, info):
         """(replacement, label) for a call of ``target`` inside the module ``info`` (a
         :class:`lxt.core.dispatch.ModuleInfo`); (None, None) for plain gradient, or
-        (None, CHOSEN_PLAIN) where the map says ``None``."""
-        for lm in self._maps_for(info.names):
-            found, value, key = lm.call_value(target, info.type)
-            if found:
-                if value is None:
-                    return None, CHOSEN_PLAIN  # plain gradient by the user's choice
-                return _call_replacement(value, target), _describe(value)
-        return None, None
+        (None, CHOSEN_PLAIN) where the map says ``None``.  The answer depends on the op, the
+        module's type and the override patterns its name matches: looked up once for each."""
+        maps = self._maps_for(info.names)
+        key = (target, info.type, tuple(map(id, maps)))
+        try:
+            found = self._resolved.get(key)
+        except TypeError:  # an unhashable target
+            found, key = None, None
+        if found is None:
+            found = (None, None)
+            for lm in maps:
+                hit, value, _ = lm.call_value(target, info.type)
+                if hit:
+                    found = ((None, CHOSEN_PLAIN) if value is None  # plain gradient by the user's choice
+                             else (_call_replacement(value, target), _describe(value)))
+                    break
+            if key is not None:
+                self._resolved[key] = found
+        return found
 
     @property
     def _gradient(self) -> bool:

@@ -178,11 +178,17 @@ def describe_ops(records) -> str:
 class _Action:
     """What a call of one op inside one module gets (resolved once per op and module)."""
 
-    __slots__ = ("replacement", "status", "rewritten", "op", "inplace", "inplace_arg")
+    __slots__ = ("replacement", "status", "rewritten", "op", "inplace", "inplace_arg", "fast")
 
     def __init__(self, replacement, status, rewritten, op, inplace, inplace_arg):
         self.replacement, self.status, self.rewritten = replacement, status, rewritten
         self.op, self.inplace, self.inplace_arg = op, inplace, inplace_arg
+        # run as it is, or as its replacement (no in-place semantics to keep)
+        self.fast = replacement is None or not (inplace or inplace_arg is not None)
+
+    def in_place(self, args, kwargs) -> bool:
+        """Whether this call changes its first argument (``add_``, ``F.relu(h, inplace=True)``)."""
+        return self.inplace or (self.inplace_arg is not None and _inplace_flag(args, kwargs, self.inplace_arg))
 
 
 class ModuleInfo:
@@ -205,30 +211,31 @@ class _Frame:
 
 
 class _Trace:
-    """One forward's autograd nodes, for the walk after it (see module docstring)."""
+    """What a learning forward saw of the autograd graph (see :meth:`Dispatcher._after`)."""
 
     def __init__(self):
-        self.marks: dict = {}  # node -> records whose output it is
-        self.regions: dict = {}  # output node of a module running its own rule -> its input nodes
-        self.owners: dict = {}  # node -> module name of the call that made it
+        self.marks: dict = {}  # output node of a call without an LRP rule -> its records
+        self.covered: set = set()  # output nodes of modules running their own rule
+        self.seen: set = set()  # custom-Function nodes already reported
+        self.foreign: dict = {}  # (kind, name) -> module names
         self.grad = False  # the forward built an autograd graph
 
-    def note_call(self, out, owner: str, record) -> None:
+    def mark(self, out, record) -> None:
         for o in _tensors_of(out):
-            node = o.grad_fn
-            if node is not None:
-                self.grad = True
-                self.marks.setdefault(node, []).append(record)
-                self.owners.setdefault(node, owner)
+            if o.grad_fn is not None:
+                self.marks.setdefault(o.grad_fn, []).append(record)
 
-    def note_module(self, out, inputs, owner: str) -> None:
-        ins = {t.grad_fn for t in inputs if t.grad_fn is not None}
-        for o in _tensors_of(out):
-            node = o.grad_fn
-            if node is not None and node not in ins:  # a module returning its input is no step
-                self.grad = True
-                self.regions.setdefault(node, ins)
-                self.owners.setdefault(node, owner)
+    def check(self, tensors, owner: str) -> None:
+        """Report custom autograd Functions among the ``tensors``' producers (outside modules
+        that run their own rule, whose inside is their rule's)."""
+        for t in tensors:
+            node = t.grad_fn
+            if node is None or node in self.seen or node in self.covered:
+                continue
+            self.seen.add(node)
+            kind = _foreign(node)
+            if kind is not None:
+                self.foreign.setdefault(kind, set()).add(owner)
 
 
 def _tensors_of(out) -> list:
@@ -271,13 +278,26 @@ def _kind_of(func) -> int:
 
 def _inplace_arg(func) -> Optional[int]:
     """Position of an ``inplace`` parameter (``F.relu(x, inplace=True)``), or ``None``."""
+    try:
+        return _INPLACE_ARGS[func]
+    except (KeyError, TypeError):
+        pass
     import inspect
 
     try:
         params = list(inspect.signature(func).parameters)
     except (TypeError, ValueError):
-        return None
-    return params.index("inplace") if "inplace" in params else None
+        params = []
+    found = params.index("inplace") if "inplace" in params else None
+    try:
+        _INPLACE_ARGS[func] = found
+    except TypeError:
+        pass
+    return found
+
+
+#: func -> position of its ``inplace`` parameter (a property of torch's functions)
+_INPLACE_ARGS: dict = {}
 
 
 class _State(threading.local):
@@ -288,7 +308,7 @@ class _State(threading.local):
         self.entries: list = []  # per hooked module call: what its pre-hook did
         self.mode: Optional[TorchFunctionMode] = None
         self.stance = None  # torch.compiler.set_stance("force_eager") while inside
-        self.trace: Optional[_Trace] = None
+        self.trace: Optional[_Trace] = None  # set while a learning forward runs
         self.inputs: set = set()  # ids of the forward's input tensors
         self.engine = None  # (gradient, epsilon) before entering
 
@@ -299,7 +319,21 @@ class _Mode(TorchFunctionMode):
         self.dispatcher = dispatcher
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        return self.dispatcher.call(func, args, kwargs or {})
+        # the hot path: an op the current module has run before, outside a learning forward
+        d = self.dispatcher
+        if kwargs is None:
+            kwargs = {}
+        kind = d.kinds.get(func)
+        if kind is None:
+            kind = d.kinds[func] = _kind_of(func)
+        st = d.state
+        if kind == _IGNORE or st.skip or not st.stack or d.dead or d.suspended:
+            return func(*args, **kwargs)
+        frame = st.stack[-1]
+        act = frame.info.actions.get(func)
+        if act is not None and st.trace is None and (act.fast or not act.in_place(args, kwargs)):
+            return func(*args, **kwargs) if act.replacement is None else act.replacement(*args, **kwargs)
+        return d.call(func, args, kwargs, frame, act)
 
 
 # ---------------------------------------------------------------------- the dispatcher
@@ -330,6 +364,7 @@ class Dispatcher:
         self.dead = False
         self.warned: set = set()
         self.handles: list = []
+        self._hooks = None
         self.failure: Optional[str] = None
         self.buffers: Optional[set] = None
         self.model: Optional[nn.Module] = None
@@ -358,9 +393,12 @@ class Dispatcher:
         return visit(model, "")
 
     def _hook(self, module: nn.Module, info: ModuleInfo) -> None:
-        pre = torch.compiler.disable(lambda m, args, kwargs: self._enter_module(info))
-        post = torch.compiler.disable(
-            lambda m, args, kwargs, out: self._leave_module(info, args, kwargs, out))
+        if self._hooks is None:  # one pair for all modules; never traced by TorchDynamo
+            self._hooks = (
+                torch.compiler.disable(lambda m, args, kwargs: self._enter_module(self.infos[id(m)])),
+                torch.compiler.disable(
+                    lambda m, args, kwargs, out: self._leave_module(self.infos[id(m)], args, kwargs, out)))
+        pre, post = self._hooks
         self.handles.append(module.register_forward_pre_hook(pre, prepend=True, with_kwargs=True))
         self.handles.append(module.register_forward_hook(post, with_kwargs=True, always_call=True))
 
@@ -425,18 +463,17 @@ class Dispatcher:
         if not st.entries:
             return
         what = st.entries.pop()
+        trace = st.trace
         if what == 1:
             st.skip -= 1
-            if st.trace is not None and st.skip == 0 and torch.is_grad_enabled():
-                # a module running its own rule is one step of the walk
-                st.trace.note_module(out, _float_tensors(args, kwargs), info.name)
+            if trace is not None and st.skip == 0:
+                # a module running its own rule: what it does inside is its rule's
+                trace.covered.update(o.grad_fn for o in _tensors_of(out) if o.grad_fn is not None)
         elif what >= 2:
             if st.stack:
                 st.stack.pop()
-            if st.trace is not None:  # what the module returns is its (a custom Function's output)
-                for o in _tensors_of(out):
-                    if o.grad_fn is not None:
-                        st.trace.owners.setdefault(o.grad_fn, info.name)
+            if trace is not None:  # a custom Function's output is named by the module returning it
+                trace.check(_tensors_of(out), info.name)
             if what == 3:
                 self._exit()
 
@@ -454,6 +491,7 @@ class Dispatcher:
         seen = len(self.records)
         st.inputs = {id(t) for t in _outputs((args, kwargs))}
         trace = st.trace = _Trace() if (self.learning and self.trace) else None
+        self.learning = False  # set again by a call that meets a new code path
         self._enter()
         st.stack.append(_Frame(info))
         try:
@@ -467,55 +505,55 @@ class Dispatcher:
             del st.entries[saved[2]:]
             st.skip = saved[1]
         self.calls += 1
-        fresh = list(self.records.values())[seen:]
         if trace is not None:
-            self.walks += 1
-            self._walk(out, trace)
-            fresh = list(self.records.values())[seen:]
-            if trace.grad and not fresh:
-                self.learning = False
-        elif fresh:
-            # a new code path in a forward that was not walked: judged without the walk (its
-            # inputs require grad), and the next forward is walked again
-            self.learning = True
-        self.new_records = fresh
+            self._after(out, trace)
+            if not trace.grad:
+                self.learning = True  # nothing learned about the relevance path yet
+        self.new_records = list(self.records.values())[seen:]
         return out
 
     # ------------------------------------------------------------------ one call
-    def call(self, func, args, kwargs):
+    def call(self, func, args, kwargs, frame=None, act=None):
+        """A call made inside the registered forward (the mode's slow path: in a learning
+        forward, an op a module runs for the first time, or an in-place call)."""
         st = self.state
-        if st.skip or not st.stack or self.dead or self.suspended:
-            return func(*args, **kwargs)
-        kind = self.kinds.get(func)
-        if kind is None:
-            kind = self.kinds[func] = _kind_of(func)
-        if kind == _IGNORE:
-            return func(*args, **kwargs)
+        if frame is None:
+            if st.skip or not st.stack or self.dead or self.suspended:
+                return func(*args, **kwargs)
+            frame = st.stack[-1]
+        info = frame.info
+        if act is None:
+            act = info.actions.get(func)
+            if act is None:
+                act = info.actions[func] = self._action(func, info)
         inputs = _float_tensors(args, kwargs)
         if not inputs:
             return func(*args, **kwargs)
-        frame = st.stack[-1]
-        info = frame.info
-        act = info.actions.get(func)
-        if act is None:
-            act = info.actions[func] = self._action(func, info)
         n = frame.counts.get(func, 0)
         frame.counts[func] = n + 1
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
         key = (id(info), act.op, n)
         record = self.records.get(key)
+        trace = st.trace
         if record is None:
             record = self.records[key] = OpRecord(info.name, act.op, act.status, act.rewritten)
-            if grad and st.trace is None:
-                record.on_path = True  # not walked: judged by its inputs
+            if trace is None:
+                self.learning = True  # a new code path: the next forward learns it
+        if grad and trace is not None:
+            trace.check(inputs, info.name)
         if not grad or act.replacement is None:
             out = func(*args, **kwargs)
-        elif act.inplace or (act.inplace_arg is not None and _inplace_flag(args, kwargs, act.inplace_arg)):
-            out = self._in_place(act, args, kwargs, info)
-        else:
+        elif act.fast or not act.in_place(args, kwargs):
             out = act.replacement(*args, **kwargs)
-        if grad and st.trace is not None:
-            st.trace.note_call(out, info.name, record)
+        else:
+            out = self._in_place(act, args, kwargs, info)
+        if grad:
+            if not record.on_path and any(isinstance(o, Tensor) and o.requires_grad for o in _tensors_of(out)):
+                record.on_path = True  # judged by its output; the walk refines unsafe ones
+            if trace is not None:
+                trace.grad = True
+                if not act.rewritten and act.status not in PLAIN_OK:
+                    trace.mark(out, record)
         return out
 
     def _action(self, func, info: ModuleInfo) -> _Action:
@@ -563,33 +601,20 @@ class Dispatcher:
         return False
 
     # ------------------------------------------------------------------ after a forward
-    def _walk(self, out, trace: _Trace) -> None:
-        """Mark the records on the relevance path; report parts of the graph lxt did not see
-        being built."""
-        roots = [t for t in _outputs(out) if t.requires_grad and t.grad_fn is not None]
-        # (node, owner, inputs of the lxt module whose interior is being walked, or None)
-        stack = [(t.grad_fn, "", None) for t in roots]
-        seen = set()
-        foreign: dict = {}
-        while stack:
-            node, owner, inside = stack.pop()
-            if node in seen:
-                continue
-            seen.add(node)
-            if inside is not None and node in inside:
-                inside = None  # back outside the module
-            for record in trace.marks.get(node, ()):
-                record.on_path = True
-            owner = trace.owners.get(node, owner)
-            region = trace.regions.get(node)
-            if region is not None:
-                inside = region  # what a module running its own rule does inside is its rule's
-            elif inside is None:
-                kind = _foreign(node)
-                if kind is not None:
-                    foreign.setdefault(kind, set()).add(owner)
-            stack.extend((f, owner, inside) for f, _ in node.next_functions if f is not None)
-        for (what, name), owners in foreign.items():
+    def _after(self, out, trace: _Trace) -> None:
+        """After a learning forward: report custom autograd Functions met on the way (and in
+        the outputs), and, where calls without an LRP rule ran, walk the autograd graph from
+        the outputs once to keep only those on the relevance path (a divisor that its rule
+        detaches is not)."""
+        outputs = [t for t in _outputs(out) if t.requires_grad and t.grad_fn is not None]
+        trace.check(outputs, "")
+        if trace.marks:
+            self.walks += 1
+            reached = _reachable([t.grad_fn for t in outputs], trace.marks)
+            for node, records in trace.marks.items():
+                for record in records:
+                    record.on_path = node in reached
+        for (what, name), owners in trace.foreign.items():
             for owner in sorted(owners):
                 key = ("foreign", name, owner)
                 if key in self.records:
@@ -600,6 +625,20 @@ class Dispatcher:
                 self.records[key] = OpRecord(owner, f"autograd.Function {name}",
                                              "compiled region" if what == "compiled" else OWN_BACKWARD,
                                              False, on_path=True)
+
+
+def _reachable(roots, wanted) -> set:
+    """The nodes of ``wanted`` that backward from ``roots`` reaches."""
+    found, seen, stack = set(), set(), list(roots)
+    while stack and len(found) < len(wanted):
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node in wanted:
+            found.add(node)
+        stack.extend(f for f, _ in node.next_functions if f is not None)
+    return found
 
 
 def _inplace_flag(args, kwargs, position: int) -> bool:
