@@ -32,6 +32,8 @@ class ConservationReport:
 
     def __init__(self):
         self.calls: list[RuleCall] = []
+        #: relevance went through a composite of the gradient engine (its rules not recorded)
+        self.gradient_engine = False
 
     def _record(self, label, rule, relevance, rels):
         out = float(relevance.detach().sum(dtype=torch.float64))
@@ -75,3 +77,11 @@ def conservation():
         yield report
     finally:
         RECORDER.reports.remove(report)
+        if report.gradient_engine:
+            import warnings
+
+            warnings.warn(
+                "lxt.conservation: the relevance went through a composite of the gradient engine "
+                "(the default), whose rules run as plain autograd and are not recorded: the report "
+                f"lists only the {len(report.calls)} calls of rules without a gradient form. "
+                "Register with engine='explicit' for a complete report.", UserWarning, stacklevel=3)

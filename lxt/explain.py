@@ -193,7 +193,7 @@ def _patched(model, method, composite):
         if composite is None and registered is not None:
             composite = registered  # its method was checked by _check_composite
         if composite is not None and composite.model is model:
-            yield  # already registered by the caller: reuse its capture (no re-trace)
+            yield  # already registered by the caller: used as it is
             return
         comp = composite or (composites.attnlrp(model) if method == "attnlrp" else composites.cp_lrp(model))
         with comp.context(model):
@@ -245,7 +245,9 @@ def _check_composite(model, method, composite) -> None:
 def frozen_parameters(model: nn.Module):
     """Parameters without ``requires_grad`` inside the block (gradients only for the input);
     the flags are restored on exit."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+    named = list(model.named_parameters(remove_duplicate=False))
+    flags = [(p, p.requires_grad) for _, p in named]
+    by_name = {n: p.requires_grad for n, p in named}
     try:
         for p, _ in flags:
             p.requires_grad_(False)
@@ -253,21 +255,35 @@ def frozen_parameters(model: nn.Module):
     finally:
         for p, f in flags:
             p.requires_grad_(f)
+        # parameters replaced meanwhile (accelerate's offloading swaps the objects): by name
+        for n, p in model.named_parameters(remove_duplicate=False):
+            if n in by_name and p.requires_grad != by_name[n]:
+                p.requires_grad_(by_name[n])
 
 
 @contextlib.contextmanager
-def _latent_hooks(model, patterns, store):
-    """Keep the relevance (gradient) of the outputs of the modules matching ``patterns``."""
+def _latent_hooks(model, patterns, store, bypassed: Optional[nn.Module] = None):
+    """Keep the relevance (gradient) of the outputs of the modules matching ``patterns``
+    (``bypassed``: a module the explanation does not run, the input embedding of a text
+    model, which explain starts after)."""
     from .core.opaque import add_tap, remove_tap, tap
 
     handles, keys = [], []
     if patterns:
-        names = [n for n, _ in model.named_modules() if n]
+        modules = _user_modules(model)
+        names = [n for n, _ in modules]
+        inside = {id(m) for m in bypassed.modules()} if bypassed is not None else set()
         for pattern in patterns:
-            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            matched = [m for n, m in modules if fnmatch.fnmatchcase(n, pattern)]
+            if not matched:
                 raise ValueError(f"lxt: layers pattern {pattern!r} matches no module of {type(model).__name__}.")
-        for name, module in model.named_modules():
-            if name and any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            if all(id(m) in inside for m in matched):
+                raise ValueError(
+                    f"lxt: layers pattern {pattern!r} names the input embedding, which explain does "
+                    "not run (it starts from its output, the token embeddings): their relevance is "
+                    "Explanation.relevance (summed per token).")
+        for name, module in modules:
+            if any(fnmatch.fnmatchcase(name, p) for p in patterns):
                 key = add_tap(lambda g, t, name=name: store.__setitem__(name, _tap_relevance(model, g, t)))
                 keys.append(key)
 
@@ -287,6 +303,27 @@ def _latent_hooks(model, patterns, store):
             h.remove()
         for k in keys:
             remove_tap(k)
+
+
+def _user_modules(model: nn.Module) -> list:
+    """``(name, module)`` of the model's submodules as the user has them: an lxt module stands
+    where the module it replaces was (same name); what is inside it is lxt's own."""
+    from .core.opaque import LxtModule
+
+    out, seen = [], set()
+
+    def visit(parent, prefix):
+        for child_name, child in parent._modules.items():
+            if child is None or id(child) in seen:
+                continue
+            seen.add(id(child))
+            name = f"{prefix}.{child_name}" if prefix else child_name
+            out.append((name, child))
+            if not isinstance(child, LxtModule):
+                visit(child, name)
+
+    visit(model, "")
+    return out
 
 
 def gradient_engine(model: nn.Module) -> bool:
@@ -312,13 +349,13 @@ def _progress(iterable, total, desc, enabled):
 
 
 # ---------------------------------------------------------------------- text
-def _tokenize(tokenizer, prompts, causal: bool):
+def _tokenize(tokenizer, prompts, left: bool):
     if any(not isinstance(p, str) or not p.strip() for p in prompts):
         raise ValueError("lxt: empty prompt: give some text to explain.")
     side = getattr(tokenizer, "padding_side", "right")
     pad = tokenizer.pad_token_id
     try:
-        tokenizer.padding_side = "left" if causal else "right"
+        tokenizer.padding_side = "left" if left else "right"
         if pad is None:
             tokenizer.pad_token = tokenizer.eos_token
         enc = tokenizer(list(prompts), return_tensors="pt", padding=True)
@@ -340,6 +377,10 @@ def _accepts(model, name: str) -> bool:
 
 def _forward_text(model, emb, mask, last_only: bool = False):
     kwargs = {"inputs_embeds": emb, "attention_mask": mask.to(emb.device)}  # a model on a GPU
+    if bool((mask[:, 0] == 0).any()) and _accepts(model, "position_ids"):
+        # left padding: each prompt's tokens at the positions they have alone (learned
+        # position embeddings, GPT-2, count from the first real token, not from the padding)
+        kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(emb.device)
     if _accepts(model, "use_cache"):
         kwargs["use_cache"] = False
     if last_only and _accepts(model, "logits_to_keep"):
@@ -361,6 +402,42 @@ def _kind(model) -> str:
     if callable(get) and get() is not None:
         return "masked"
     return "classifier"
+
+
+@contextlib.contextmanager
+def _pad_id_set(model, tokenizer, ids, kind: str):
+    """A decoder classifier without ``config.pad_token_id`` refuses batches (transformers looks
+    for padding in ``input_ids``; it gets embeddings, left padded, and pools the last position
+    either way): the tokenizer's pad id for the call, the config's own value back after."""
+    cfg = getattr(model, "config", None)
+    if not (ids.shape[0] > 1 and cfg is not None and getattr(cfg, "pad_token_id", 0) is None
+            and _pools_last_token(model, kind)):
+        yield
+        return
+    cfg.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    try:
+        yield
+    finally:
+        cfg.pad_token_id = None
+
+
+def _pools_last_token(model, kind: str) -> bool:
+    """A classifier on a decoder (``LlamaForSequenceClassification``, GPT-2's): transformers
+    pools its last position when it is given embeddings (it cannot see padding in them), so
+    its batches are padded on the left.  Encoders (BERT) pool their first token."""
+    if kind != "classifier":
+        return False
+    flags = [m.is_causal for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
+    if flags:
+        return any(flags)
+    try:  # no attention module says: a family with a causal LM and no masked LM is a decoder
+        from transformers.models.auto import modeling_auto as auto
+
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        return (model_type in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+                and model_type not in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+    except ImportError:  # pragma: no cover
+        return False
 
 
 def _output_id(model, tokenizer, value, what: str, kind: str) -> Optional[int]:
@@ -437,7 +514,7 @@ def _short(prompt: str, n: int = 40) -> str:
 def _explain_text_batch(model, tokenizer, prompts, targets, contrast, method, steps, layers,
                         positions, partial=False):
     kind = _kind(model)
-    ids, mask = _tokenize(tokenizer, prompts, kind == "causal")
+    ids, mask = _tokenize(tokenizer, prompts, kind == "causal" or _pools_last_token(model, kind))
     return _explain_ids(model, tokenizer, ids, mask, prompts, targets, contrast, method, steps,
                         layers, kind, positions, partial)
 
@@ -481,7 +558,7 @@ def _explain_ids(model, tokenizer, ids, mask, prompts, targets, contrast, method
         raise ValueError("lxt: the input embeddings contain NaN or inf (check the model's "
                          "embedding weights); relevance would be NaN.")
     store: dict = {}
-    with _latent_hooks(model, layers, store):
+    with _latent_hooks(model, layers, store, bypassed=emb_layer), _pad_id_set(model, tokenizer, ids, kind):
         if method == "integrated_gradients":
             grads = torch.zeros_like(base, dtype=torch.float32)
             for a in (torch.arange(steps, dtype=torch.float32) + 0.5) / steps:  # midpoint rule
@@ -569,7 +646,8 @@ def _select(logits, rows, targets, contrast):
 
 
 # ---------------------------------------------------------------------- images
-def _explain_image(model, pixel_values, target, method, steps, layers, composite, partial=False):
+def _explain_image(model, pixel_values, target, method, steps, layers, composite, partial=False,
+                   contrast=None):
     if pixel_values.dim() == 3:
         pixel_values = pixel_values[None]
     if pixel_values.dim() != 4 or pixel_values.shape[0] != 1:
@@ -578,40 +656,40 @@ def _explain_image(model, pixel_values, target, method, steps, layers, composite
     if not torch.isfinite(pixel_values).all():
         raise ValueError("lxt: the image contains NaN or inf values.")
     target = _output_id(model, None, target, "target", "classifier")
+    contrast = _output_id(model, None, contrast, "contrast", "classifier")
     param = next(model.parameters())
     base = pixel_values.to(param.device, param.dtype)
     store: dict = {}
     with _patched(model, method, composite), _latent_hooks(model, layers, store):
         def run(x):
             logits = _image_logits(model, x)
-            tid = int(logits[0].argmax()) if target is None else target
-            if not 0 <= tid < logits.shape[-1]:
-                raise ValueError(f"lxt: target class {tid} is outside 0..{logits.shape[-1] - 1}.")
-            return logits[0, tid], tid
+            values, tids, _, parts = _select(logits, [None], [target], contrast)
+            return values[0], tids[0], parts
 
         if method == "integrated_gradients":
             grads = torch.zeros_like(base, dtype=torch.float32)
             for a in (torch.arange(steps, dtype=torch.float32) + 0.5) / steps:
                 x = (base * a).detach().requires_grad_()
-                v, tid = run(x)
+                v, tid, _ = run(x)
                 v.backward()
                 grads += x.grad.float()
             rel = base.float() * grads / steps
             with torch.no_grad():
-                v, tid = run(base)
+                v, tid, _ = run(base)
         else:
             x = base.detach().clone().requires_grad_()
-            v, tid = run(x)
+            v, tid, parts = run(x)
             missing = _uncovered(model, method, partial)
             if method in LRP_METHODS:
-                v.backward(v.detach())
+                _backward_lrp(v[None], parts)  # R = the explained value (target minus contrast)
                 rel = x.grad.float()
             else:
                 v.backward()
                 rel = x.grad.float() * (x.detach().float() if method == "input_x_gradient" else 1.0)
     per_pixel = rel[0].norm(dim=0) if method == "gradient" else rel[0].sum(0)
     return Explanation(tokens=None, relevance=per_pixel.detach().cpu(), target=tid, target_id=tid,
-                       logit=float(v.detach()), method=method, latent={k: v_[0] for k, v_ in store.items()},
+                       logit=float(v.detach()), method=method, contrast=contrast,
+                       latent={k: v_[0] for k, v_ in store.items()},
                        partial=missing if method in LRP_METHODS else None,
                        image=pixel_values[0].detach().float().cpu())
 
@@ -748,9 +826,9 @@ def explain(model: nn.Module, tokenizer=None, inputs=None, *, target=None, contr
     composite : lxt.Composite, optional
         Use this composite instead of the default table for ``model.config.model_type`` (LRP
         methods only; its method must be ``method``).  If it is already registered on
-        ``model`` (``with comp.context(model):``), it is used as is: many calls then share one
-        capture instead of re-tracing the model each call.  A composite registered on another
-        model is refused.
+        ``model`` (``with comp.context(model):``), it is used as is (many calls then share one
+        registration; without it each call registers the model and restores it, about 15 ms
+        for a 30-layer model).  A composite registered on another model is refused.
     progress : bool, optional
         Show a progress bar (default: on for more than one batch).
     position : int, optional
@@ -768,7 +846,19 @@ def explain(model: nn.Module, tokenizer=None, inputs=None, *, target=None, contr
     Returns
     -------
     Explanation, or list of Explanation (for a list of prompts or ``generate``).
+
+    Called inside ``torch.no_grad()`` or ``torch.inference_mode()``, it still explains: the
+    backward pass needs gradients, so the call turns them back on for itself.
     """
+    with torch.inference_mode(False), torch.enable_grad():
+        return _explain(model, tokenizer, inputs, target=target, contrast=contrast,
+                        generate=generate, method=method, steps=steps, layers=layers,
+                        batch_size=batch_size, composite=composite, progress=progress,
+                        position=position, partial=partial)
+
+
+def _explain(model, tokenizer, inputs, *, target, contrast, generate, method, steps, layers,
+             batch_size, composite, progress, position, partial):
     method = _check_method(method)
     if not isinstance(partial, bool):
         raise TypeError(f"lxt: partial must be True or False, got {partial!r}.")
@@ -787,7 +877,8 @@ def explain(model: nn.Module, tokenizer=None, inputs=None, *, target=None, contr
             raise ValueError("lxt: generate= and position= are for text models; an image is "
                              "explained as a whole.")
         with _eval_mode(model):
-            return _explain_image(model, inputs, target, method, steps, layers, composite, partial)
+            return _explain_image(model, inputs, target, method, steps, layers, composite, partial,
+                                  contrast)
     _check_tokenizer(tokenizer)
     prompts = _check_prompts(inputs)
     kind = _kind(model)

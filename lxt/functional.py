@@ -152,7 +152,6 @@ def div(input, other, *, rounding_mode: Optional[str] = None) -> Tensor:
     return _IDENTITY.apply_at(operator.truediv, (input, other), {}, [0])
 
 
-div.lxt_constant_args = (1, "other")  # the divisor receives no relevance
 #: the published name (a division by a constant); the same rule as :func:`div`
 div_const = div
 
@@ -213,12 +212,19 @@ def _rms_norm(input, normalized_shape, weight=None, eps=None):
     return F.rms_norm(input, normalized_shape, weight, eps)
 
 
+def _exact(formula: Tensor, native: Tensor) -> Tensor:
+    """``formula``'s gradient with ``native``'s values: a rule that differentiates a formula of
+    an op leaves the op's forward unchanged, bit for bit."""
+    return formula + (native - formula).detach()
+
+
 def _rms_norm_detached(input, normalized_shape, weight=None, eps=None):
     dims = tuple(range(-len(normalized_shape), 0))
+    native = F.rms_norm(input.detach(), normalized_shape, None if weight is None else weight.detach(), eps)
     if eps is None:
         eps = torch.finfo(input.dtype).eps
     out = input * torch.rsqrt(input.detach().pow(2).mean(dims, keepdim=True) + eps)
-    return out if weight is None else out * weight
+    return _exact(out if weight is None else out * weight, native)
 
 
 def _normalize(input, p=2.0, dim=1, eps=1e-12):
@@ -241,7 +247,9 @@ def _layer_norm_std_detached(input, normalized_shape, weight, bias, eps):
         out = out * weight
     if bias is not None:
         out = out + bias
-    return out
+    with torch.no_grad():  # the forward's values are torch's own layer norm's
+        native = F.layer_norm(input, normalized_shape, weight, bias, eps)
+    return _exact(out, native)
 
 
 def layer_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
@@ -336,21 +344,17 @@ def sigmoid(input: Tensor) -> Tensor:
     return identity(torch.sigmoid, input)
 
 
-_CAUSAL_SEEN: list = [None, False]  # (identity of the last boolean mask checked, its answer)
-
-
 def _is_causal_mask(mask: Tensor, query: Tensor, key: Tensor) -> bool:
     """Whether a boolean ``attn_mask`` is exactly the causal mask of ``query`` x ``key`` (every
-    batch and head).  Checked once per mask tensor: a model passes one mask to all its layers."""
+    batch and head).  Checked on every call (nothing is kept: a tensor's address says nothing
+    about its values); a mask with padding fails on its last row, in O(n)."""
     n = query.shape[-2]
-    if (mask.dtype != torch.bool or key.shape[-2] != n or mask.shape[-2:] != (n, n)
-            or torch.compiler.is_compiling()):
+    if mask.dtype != torch.bool or key.shape[-2] != n or mask.shape[-2:] != (n, n):
         return False
-    ident = (mask.data_ptr(), mask._version, tuple(mask.shape), mask.stride())
-    if _CAUSAL_SEEN[0] != ident:
-        causal = torch.ones(n, n, dtype=torch.bool, device=mask.device).tril_()
-        _CAUSAL_SEEN[:] = [ident, bool(torch.equal(mask, causal.expand_as(mask)))]
-    return _CAUSAL_SEEN[1]
+    if not bool(mask[..., -1, :].all()):  # padding masks out keys in the last row too
+        return False
+    causal = torch.ones(n, n, dtype=torch.bool, device=mask.device).tril_()
+    return bool(torch.equal(mask, causal.expand_as(mask)))
 
 
 def _sdpa_kwargs(attn_mask, dropout_p, is_causal, scale, enable_gqa, query, key) -> dict:
@@ -405,11 +409,10 @@ def scaled_dot_product_attention_cp(query: Tensor, key: Tensor, value: Tensor,
     r"""``F.scaled_dot_product_attention`` with the CP-LRP rule (Ali et al., 2022): attention
     weights are constants, ``R_v = v * do/dv(R / stab(o))``; ``q`` and ``k`` get none."""
     _check_qkv("scaled_dot_product_attention_cp", query, key, value)
-    return CPLRPAttentionRule(epsilon).apply_at(
-        F.scaled_dot_product_attention, (query.detach(), key.detach(), value),
-        _sdpa_kwargs(attn_mask, dropout_p, is_causal, scale, enable_gqa, query, key), [2])
+    return CPLRPAttentionRule(epsilon).apply_at(  # the rule detaches query and key
+        F.scaled_dot_product_attention, (query, key, value),
+        _sdpa_kwargs(attn_mask, dropout_p, is_causal, scale, enable_gqa, query, key), [0, 1, 2])
 
 
-scaled_dot_product_attention_cp.lxt_constant_args = (0, 1, "query", "key")  # q, k detached
 sdpa = scaled_dot_product_attention
 sdpa_cp = scaled_dot_product_attention_cp

@@ -17,9 +17,6 @@ def detached_softmax(input, dim=None, _stacklevel=3, dtype=None):
     return F.softmax(input, dim=dim, dtype=dtype).detach()
 
 
-detached_softmax.lxt_constant_args = (0, "input")
-
-
 def with_epsilon(fn, epsilon):
     """``fn`` with its ``epsilon`` keyword fixed (``fn`` itself for the default)."""
     if epsilon is None:
@@ -48,16 +45,15 @@ def attention_calls(cp: bool, epsilon=None) -> dict:
 
 
 def arithmetic(epsilon=None) -> dict:
-    """Elementwise arithmetic as it appears in traced forwards."""
+    """Elementwise arithmetic (``a + b``, ``torch.add``, ``x.add(y)`` are one op; the in-place
+    forms another)."""
     add = with_epsilon(lf.add2, epsilon)
     return {
         operator.add: add,
         torch.add: add,
         "add": add,
-        # in-place forms (``x += y`` in transformers 4.x embeddings) become out-of-place rule
-        # calls (an in-place update would overwrite the output a rule keeps for backward);
-        # every later use of the mutated tensor reads the rule's result instead
-        # (lxt.core.tracing.rewrite_inplace), so the forward is unchanged
+        # in-place forms (``x += y`` in BERT-style embeddings): the rule runs on a copy and
+        # its result is written back (lxt.core.dispatch), so the forward is unchanged
         operator.iadd: add,
         "add_": add,
         operator.mul: lf.mul2,
@@ -130,7 +126,6 @@ def detached_mul(position: int):
         return lf.mul2(a.detach(), b) if position == 0 else lf.mul2(a, b.detach())
 
     mul.__name__ = mul.__qualname__ = f"gate_detached_mul[{position}]"
-    mul.lxt_constant_args = (position,)
     return mul
 
 

@@ -1,1 +1,1 @@
-"""Composite machinery: module replacement, graph capture and rewrite, restore."""
+"""Composite machinery: module replacement, calls rewritten while the model runs, restore."""

@@ -62,8 +62,10 @@ class LayerMap:
     --------
     - an ``nn.Module`` subclass: modules of that type (subclasses included);
     - a function (``operator.add``, ``F.scaled_dot_product_attention``, ``torch.matmul``):
-      calls of it in the captured graph;
-    - a string: calls of that ``torch.Tensor`` method in the captured graph (``"mul"``);
+      calls of it in the forward;
+    - a string: calls of that ``torch.Tensor`` method in the forward (``"mul"``).  A call
+      matches by op, however it is spelled: ``operator.add``, ``torch.add``, ``"add"`` and
+      ``a + b`` are one op (in-place forms, ``operator.iadd`` / ``"add_"``, another);
     - a pair ``(ModuleType, function_or_method)``: such calls made directly inside modules of
       that type (e.g. ``(LlamaMLP, operator.mul)``);
     - a pair ``(ParentType, ModuleType)``: modules of the second type that are children of a
@@ -205,9 +207,11 @@ class Composite:
         :func:`lxt.conservation` reports on).  Both give the same relevance as epsilon -> 0.
     epsilon : float, optional
         Stabiliser of the divisions the gradient engine makes (converting relevance at the
-        forward's inputs and outputs, the identity rule's ``y / x``); default
-        :data:`lxt.rules.EPSILON`.  The rules' own ``epsilon`` is theirs: an epsilon-family rule
-        with a larger one than the default runs explicitly in either engine.
+        forward's inputs and outputs and around rules without a gradient form, the identity
+        rule's ``y / x``); default :data:`lxt.rules.EPSILON`, and never larger (those divisions
+        convert, they do not stabilise a rule: a larger value would change the relevance).
+        The rules' own ``epsilon`` is theirs: an epsilon-family rule with a larger one than the
+        default runs explicitly in either engine, so both engines give the same relevance.
     strict : bool
         Operations on the relevance path that the layer map leaves with plain gradients
         (products, nonlinearities, custom ``torch.autograd.Function`` classes ...
@@ -244,7 +248,10 @@ class Composite:
         self.engine = engine
         from ..rules.rules import _check_epsilon
 
-        self.epsilon = EPSILON if epsilon is None else _check_epsilon(epsilon)
+        # the gradient engine's divisions convert R <-> g = R / x and back: exact inverses up
+        # to their stabiliser, which therefore never exceeds the default (a table's larger
+        # epsilon is its rules', see the epsilon parameter)
+        self.epsilon = EPSILON if epsilon is None else min(EPSILON, _check_epsilon(epsilon))
         self.strict = bool(strict)
         self.partial = bool(partial)
         self.method = method
@@ -379,8 +386,8 @@ class Composite:
     @contextlib.contextmanager
     def suspended(self):
         """Inside the block the registered model computes as if unregistered (its own modules
-        and forward, plain gradients); on exit the registration is back as it was, capture
-        included.  Parameters stay frozen and training flags untouched.  Used by
+        and forward, plain gradients); on exit the registration is back as it was, what it
+        learned included.  Parameters stay frozen and training flags untouched.  Used by
         :func:`lxt.explain` for the baseline methods."""
         if self.model is None:
             yield
@@ -426,8 +433,6 @@ class Composite:
         """``(plan, covered)``: the module swaps to make (``(parent, name, original,
         replacement, qualname, label)``; a replacement that is the original stays as it is)
         and the ids of modules that already run their own rule."""
-        from torch._dynamo.eval_frame import OptimizedModule
-
         plan, covered = [], set()
 
         def visit(parent: nn.Module, prefix: str):
@@ -438,7 +443,8 @@ class Composite:
                 if isinstance(child, LxtModule):
                     covered.add(id(child))  # already carries a rule: never nest
                     continue
-                if isinstance(child, OptimizedModule):
+                if type(child).__name__ == "OptimizedModule" and isinstance(
+                        getattr(child, "_orig_mod", None), nn.Module):
                     # a torch.compile'd submodule runs as its original module while registered
                     # (compiled code would run without the rules)
                     original = child._orig_mod
@@ -531,17 +537,8 @@ class Composite:
         self._warned = set()
         root = dispatcher.install(model, covered)
         original = model.forward  # bound method (or a previous instance forward, e.g. accelerate's)
-        patched = PatchedForward(original, dispatcher, root, check=self._after_forward,
-                                 gradient=self._gradient, epsilon=self.epsilon)
-
-        def forward(*args, **kwargs):
-            return patched(*args, **kwargs)
-
-        forward.__wrapped__ = original  # inspect.signature(model.forward) stays the model's
-        forward.__signature__ = inspect.signature(original)
-        forward.__name__ = "forward"
-        forward.__doc__ = getattr(original, "__doc__", None)
-        forward.lxt_composite = self
+        forward = PatchedForward(original, dispatcher, root, check=self._after_forward,
+                                 gradient=self._gradient, epsilon=self.epsilon, composite=self)
         model.__dict__["forward"] = forward
         self._installed = (had, previous, forward)
 
@@ -553,8 +550,8 @@ class Composite:
         if self.strict and unsafe:
             raise ValueError(
                 f"lxt: strict {self.name}: operations on the relevance path have no LRP rule: "
-                f"{describe_ops(unsafe)}. Map them in the layer map (e.g. operator.mul: "
-                "lxt.functional.mul2), or map them to None to accept plain gradients there."
+                f"{describe_ops(unsafe)}. Map them in the layer map ({suggest(unsafe)}), or map "
+                "them to None to accept plain gradients there."
             )
         compiled = [r for r in records if r.status == "compiled region"]
         if compiled and (self.strict or not self.partial):
@@ -569,18 +566,19 @@ class Composite:
             warnings.warn(
                 f"lxt: operations on the relevance path have no LRP rule and pass plain gradients, "
                 f"so the relevance is not LRP there: {describe_ops(fresh)}. Map them in the "
-                "composite's layer map (e.g. operator.mul: lxt.functional.mul2), or pass "
-                "strict=True to the Composite to make this an error. Composite.summary() lists "
-                "every operation.", UserWarning, stacklevel=4)
+                f"composite's layer map ({suggest(fresh)}), or pass strict=True to the Composite "
+                "to make this an error. Composite.summary() lists every operation.",
+                UserWarning, stacklevel=4)
 
     # ------------------------------------------------------------------ report
     @property
     def captured_ops(self) -> list[OpRecord]:
-        """Every floating-point operation seen so far (after at least one forward)."""
+        """Every floating-point operation the registered forward has run (after at least one
+        forward; nothing is captured, the name is historical)."""
         return list(self._dispatcher.records.values()) if self._dispatcher is not None else []
 
     def summary(self) -> "Summary":
-        """What every replaced module and captured operation got.
+        """What every module with a rule and every operation seen in the forward got.
 
         Modules are known after ``register``; operations after the first forward.  Operations
         left with plain gradients are marked *compatible* (their gradient is the relevance:
@@ -593,6 +591,41 @@ class Composite:
         state = f"registered on {type(self.model).__name__}" if self.model is not None else "not registered"
         return (f"<{self.name}: {len(self.layer_map)} entries, {len(self.overrides)} overrides, "
                 f"{self.engine} engine, {state}>")
+
+
+_ELEMENTWISE = "lxt.rules.IdentityRule (an elementwise function)"
+#: what fits each op, for the messages about operations without a rule
+SUGGESTIONS = {
+    "add": "operator.add: lxt.functional.add2", "sub": "operator.sub: lxt.rules.EpsilonRule",
+    "mul": "operator.mul: lxt.functional.mul2", "div": "operator.truediv: lxt.functional.div",
+    "neg": "operator.neg: lxt.rules.IdentityRule", "matmul": "torch.matmul: lxt.functional.matmul",
+    "bmm": "torch.bmm: lxt.functional.matmul", "mm": "torch.mm: lxt.functional.matmul",
+    "baddbmm": "torch.baddbmm: lxt.rules.UniformEpsilonRule",
+    "einsum": "torch.einsum: lxt.rules.UniformEpsilonRule",
+    "addmm": "torch.addmm: lxt.rules.EpsilonRule", "linear": "F.linear: lxt.functional.linear_epsilon",
+    "softmax": "F.softmax: lxt.functional.softmax", "sigmoid": "torch.sigmoid: lxt.functional.sigmoid",
+    "tanh": "torch.tanh: lxt.functional.tanh", "silu": "F.silu: lxt.functional.silu",
+    "gelu": "F.gelu: lxt.functional.gelu", "relu": "F.relu: lxt.functional.relu",
+    "layer_norm": "F.layer_norm: lxt.functional.layer_norm", "rms_norm": "F.rms_norm: lxt.functional.rms_norm",
+    "normalize": "F.normalize: lxt.functional.normalize", "mean": "torch.mean: lxt.functional.mean",
+    "sum": "torch.sum: lxt.rules.EpsilonRule", "index_add": "torch.index_add: lxt.functional.index_add",
+    "masked_scatter": "'masked_scatter': lxt.rules.EpsilonRule (a write of one tensor into another)",
+    "scaled_dot_product_attention": "F.scaled_dot_product_attention: lxt.functional.sdpa",
+}
+
+
+def suggest(records) -> str:
+    """What to map each op of ``records`` to (``operator.mul: lxt.functional.mul2``; an
+    elementwise function: the identity rule; a custom autograd Function: its module)."""
+    out = []
+    for op in dict.fromkeys(r.op for r in records):
+        if op.startswith("autograd.Function"):
+            hint = "the module that calls the Function, e.g. {ThatModule: lxt.rules.IdentityRule}"
+        else:
+            hint = SUGGESTIONS.get(op) or f"'{op}': {_ELEMENTWISE}"
+        if hint not in out:
+            out.append(hint)
+    return "; ".join(out)
 
 
 def _holds_lxt_wrappers(model: nn.Module) -> bool:
@@ -649,12 +682,12 @@ class Summary:
 
     @property
     def plain(self) -> list[OpRecord]:
-        """Captured operations left with plain gradients."""
+        """Operations left with plain gradients."""
         return [r for r in self.ops if not r.rewritten]
 
     @property
     def unsafe(self) -> list[OpRecord]:
-        """Captured operations left with plain gradients that need an LRP rule."""
+        """Operations left with plain gradients that need an LRP rule."""
         return [r for r in self.ops if not r.rewritten and r.status not in PLAIN_OK]
 
     def __str__(self) -> str:

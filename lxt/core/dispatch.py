@@ -716,14 +716,23 @@ def map_tensors(obj, fn, depth: int = 0):
 
 
 class PatchedForward:
-    """The forward installed on a registered model: the original forward under the
-    dispatcher; in the gradient engine, relevance is converted at its inputs and outputs."""
+    """The forward installed on a registered model (an instance attribute): the original
+    forward under the dispatcher; in the gradient engine, relevance is converted at its inputs
+    and outputs.  ``inspect.signature`` sees the original's signature."""
 
     def __init__(self, original: Callable, dispatcher: Dispatcher, info: ModuleInfo,
-                 check: Optional[Callable] = None, gradient: bool = False, epsilon: float = 1e-6):
+                 check: Optional[Callable] = None, gradient: bool = False, epsilon: float = 1e-6,
+                 composite=None):
+        import inspect
+
         self.original, self.dispatcher, self.info = original, dispatcher, info
         self.check = check
         self.gradient, self.epsilon = gradient, epsilon
+        self.lxt_composite = composite
+        self.__wrapped__ = original
+        self.__signature__ = inspect.signature(original)
+        self.__name__ = "forward"
+        self.__doc__ = getattr(original, "__doc__", None)
 
     @torch.compiler.disable
     def __call__(self, *args, **kwargs):
@@ -739,3 +748,15 @@ class PatchedForward:
         if boundary:
             out = map_tensors(out, lambda t: _output_boundary(t, self.epsilon))
         return out
+
+    def _refuse_copy(self):
+        raise RuntimeError(
+            "lxt: this model is registered with a composite: a copy would share its patched "
+            "forward and hooks. Copy (or pickle) the model before registering it or after "
+            "remove() / leaving the context.")
+
+    def __deepcopy__(self, memo):
+        self._refuse_copy()
+
+    def __reduce_ex__(self, protocol):
+        self._refuse_copy()

@@ -130,7 +130,9 @@ class _Tap(torch.autograd.Function):
     def forward(ctx, key, t):
         ctx.key = key
         ctx.save_for_backward(t)
-        return t.view_as(t)
+        from ..rules.base import _snapshot
+
+        return _snapshot(t.detach())  # not a view: later code may change it in place
 
     @staticmethod
     def backward(ctx, grad):

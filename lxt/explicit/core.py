@@ -8,7 +8,7 @@ rules.EpsilonRule, nn.LayerNorm: lm.LayerNormEpsilon}``) through :class:`lxt.Com
 (explicit engine, no tracing) and restores the model exactly on :meth:`Composite.remove`;
 function entries, ``dummy_inputs``, canonizers and zennit composites raise one line naming
 what to use instead: ``lxt.composites.attnlrp(model)`` or :class:`lxt.Composite`, whose
-TorchDynamo capture rewrites functional calls.
+rewrites functional calls while the model runs.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from ..core.composite import Composite as _Composite
 __all__ = ["Composite"]
 
 _USE_INSTEAD = ("use lxt.composites.attnlrp(model) (Llama, Mistral, Qwen2, BERT, ViT) or "
-                "lxt.Composite, which captures the forward with TorchDynamo and takes "
+                "lxt.Composite, which rewrites functional calls while the model runs and takes "
                 "lxt.functional rules (torch signatures)")
 
 

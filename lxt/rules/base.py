@@ -123,13 +123,15 @@ class _RelevanceToGradient(torch.autograd.Function):
     def forward(ctx, t, epsilon):
         ctx.save_for_backward(t)
         ctx.epsilon = epsilon
-        return t.view_as(t)
+        return _snapshot(t.detach())  # not a view: later code may change it in place
 
     @staticmethod
     def backward(ctx, relevance):
         (t,) = ctx.saved_tensors
         ct = compute_dtype(t.dtype)
         g = relevance.to(ct) / stabilize(t.detach().to(ct), ctx.epsilon)
+        for report in RECORDER.reports:  # the gradient engine's rules are not recorded
+            report.gradient_engine = True
         return g.to(relevance.dtype), None
 
 
@@ -137,7 +139,7 @@ class _GradientToRelevance(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t):
         ctx.save_for_backward(t)
-        return t.view_as(t)
+        return _snapshot(t.detach())  # not a view: later code may change it in place
 
     @staticmethod
     def backward(ctx, grad):
@@ -214,6 +216,31 @@ def scale_gradient(t: Tensor, scale: float) -> Tensor:
     if scale == 1:
         return t
     return _ScaleGradient.apply(t, scale)
+
+
+class _StabilisedShare(torch.autograd.Function):
+    """Identity in forward on an output ``z``; in backward ``g * z / stab(n z)``."""
+
+    @staticmethod
+    def forward(ctx, z, epsilon, n):
+        ctx.save_for_backward(z)
+        ctx.epsilon, ctx.n = epsilon, n
+        return _snapshot(z.detach())
+
+    @staticmethod
+    def backward(ctx, grad):
+        (z,) = ctx.saved_tensors
+        ct = compute_dtype(z.dtype)
+        zc = z.to(ct)
+        share = zc / stabilize(zc * ctx.n if ctx.n != 1 else zc, ctx.epsilon)
+        return (grad.to(ct) * share).to(grad.dtype), None, None
+
+
+def stabilised_share(z: Tensor, epsilon: float, n: int = 1) -> Tensor:
+    """``z`` unchanged; in backward the gradient times ``z / stab(n z)``: the gradient form of
+    an epsilon rule's division ``R / stab(n z)`` for any epsilon (with ``R = z g``; ``1 / n``
+    in the limit epsilon -> 0).  Keeps ``z``."""
+    return _StabilisedShare.apply(z, epsilon, n)
 
 
 def _check_dtype(t: Tensor, rule: "Rule", fn: Callable) -> None:
@@ -517,6 +544,12 @@ class RuleModule(LxtModule):
         super().__init__()
         self.rule = rule
         self.module = module
+        # checkpoints keep the wrapped module's keys (``lm_head.weight``, not
+        # ``lm_head.module.weight``): saved inside a composite, loaded outside, and back
+        self._register_load_state_dict_pre_hook(_into_wrapped)
+
+    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
+        return self.module.state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
 
     def lrp_forward(self, *args, **kwargs):
         if kwargs:
@@ -533,3 +566,9 @@ class RuleModule(LxtModule):
 
     def extra_repr(self) -> str:
         return f"rule={self.rule!r}"
+
+
+def _into_wrapped(state_dict, prefix, *args):
+    """Load hook of a :class:`RuleModule`: the wrapped module's keys as the model has them."""
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + "module.")]:
+        state_dict[prefix + "module." + key[len(prefix):]] = state_dict.pop(key)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import (EPSILON, Rule, _Call, _RatioGradient, compute_dtype, n_variable, plain_call,
-                   stabilize)
+                   stabilised_share, stabilize)
 
 __all__ = [
     "EpsilonRule",
@@ -77,10 +77,11 @@ class EpsilonRule(Rule):
         return self.epsilon <= EPSILON
 
     def gradient_at(self, fn, args, kwargs, positions, label=None):
-        # R_x = x * J^T (R / stab(z)) with R = z * g gives g_x = R_x / x = J^T g (eps -> 0):
-        # the plain gradient.  Nothing to wrap, nothing kept beyond what autograd keeps.
+        # R_x = x * J^T (R / stab(z)) with R = z * g gives g_x = R_x / x = J^T (g z / stab(z)):
+        # for eps -> 0 the plain gradient (nothing wrapped, nothing kept beyond what autograd
+        # keeps); for a larger epsilon the gradient scaled by z / stab(z) at the output.
         if not self._limit:
-            return Rule.gradient_at(self, fn, args, kwargs, positions, label)
+            return stabilised_share(plain_call(fn, args, kwargs, positions), self.epsilon)
         return plain_call(fn, args, kwargs, positions)
 
     def relevance(self, call, relevance):
@@ -121,11 +122,11 @@ class UniformEpsilonRule(EpsilonRule):
         return max(call.n_variable, 1)
 
     def gradient_at(self, fn, args, kwargs, positions, label=None):
-        # R_x = x * J_x^T (R / stab(n z)) with R = z * g gives g_x = J_x^T g / n: the plain
-        # gradient of each of the n variable inputs, divided by n.
-        if not self._limit:
-            return Rule.gradient_at(self, fn, args, kwargs, positions, label)
+        # R_x = x * J_x^T (R / stab(n z)) with R = z * g gives g_x = J_x^T (g z / stab(n z)):
+        # for eps -> 0 the plain gradient of each of the n variable inputs divided by n.
         n = max(n_variable(args, positions), 1)
+        if not self._limit:
+            return stabilised_share(plain_call(fn, args, kwargs, positions), self.epsilon, n)
         return plain_call(fn, args, kwargs, positions, [1.0 / n] * len(positions))
 
 
@@ -458,11 +459,14 @@ class AttnLRPAttentionRule(Rule):
         # Matmul rule (A, v) -> g_A, g_v = plain / m; softmax DT with bias -> plain gradient;
         # matmul rule (q, k) -> g_q, g_k = plain / n_qk.  So q and k get their plain
         # gradient / (m n_qk) (1/4 when all three are variable), v its plain gradient / m.
-        if self.epsilon > EPSILON:
-            return super().gradient_at(fn, args, kwargs, positions, label)
+        # (A larger epsilon: g / m becomes g o / stab(m o) at the output.)
         need_q, need_k, need_v = (args[p].requires_grad for p in positions)
         n_qk = int(need_q) + int(need_k)
         m = int(n_qk > 0) + int(need_v)
+        if self.epsilon > EPSILON:
+            qk = 1.0 / max(n_qk, 1)
+            out = plain_call(fn, args, kwargs, positions, [qk, qk, 1.0])
+            return stabilised_share(out, self.epsilon, max(m, 1))
         qk = 1.0 / (max(m, 1) * max(n_qk, 1))
         return plain_call(fn, args, kwargs, positions, [qk, qk, 1.0 / max(m, 1)])
 
@@ -470,4 +474,17 @@ class AttnLRPAttentionRule(Rule):
 class CPLRPAttentionRule(EpsilonRule):
     r"""CP-LRP attention (Ali et al., 2022): the attention weights are constants, relevance
     flows only through ``v`` with the epsilon rule on ``A @ v``: ``R_v = v * do/dv(R / stab(o))``.
-    ``q`` and ``k`` receive none."""
+    ``q`` and ``k`` receive none.
+
+    For a call ``fn(query, key, value, ...)`` (``F.scaled_dot_product_attention``'s signature):
+    the rule itself detaches ``query`` and ``key``, wherever it is used."""
+
+    def apply_at(self, fn, args, kwargs, positions, label=None):
+        args = list(args)
+        for p in (0, 1):
+            if p < len(args) and isinstance(args[p], Tensor):
+                args[p] = args[p].detach()
+        if any(k in kwargs for k in ("query", "key")):
+            kwargs = {k: (v.detach() if k in ("query", "key") and isinstance(v, Tensor) else v)
+                      for k, v in kwargs.items()}
+        return super().apply_at(fn, args, kwargs, [p for p in positions if p >= 2], label)
