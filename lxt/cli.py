@@ -198,6 +198,11 @@ def _check_output(path: str, flag: str) -> None:
 
 def _check_args(args) -> None:
     """Everything that can be checked before loading the model."""
+    if args.file and args.prompt is not None:
+        from .corpus import _short
+
+        raise UserError(f"give a prompt or --file, not both (the prompt {_short(args.prompt)} would "
+                        f"be ignored: add it as a line of {args.file}, or drop --file)")
     if args.steps < 1:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
     if args.batch_size < 1:
@@ -251,6 +256,8 @@ def _explain(args) -> int:
 
     if corpus.launched_world_size() > 1:
         raise UserError("several processes share the prompts of --file: give --file and --jsonl")
+    if args.jsonl:
+        _check_single_output(args.jsonl)
     model, tok = _load(args.model, args.dtype, args.device_map)
     _check_lengths(model, tok, prompts)
     texts = [p for _, p, _ in prompts]
@@ -269,12 +276,60 @@ def _explain(args) -> int:
                         "written (try --dtype float32)")
     _write_outputs(args, exps)
     if args.jsonl:
-        Path(args.jsonl).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.jsonl, "w", encoding="utf-8") as f:
-            for e in exps:
-                f.write(json.dumps(e.to_dict(), allow_nan=False) + "\n")
+        out = Path(args.jsonl)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # replaced whole, never half-written
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                for e in exps:
+                    f.write(json.dumps(e.to_dict(), allow_nan=False) + "\n")
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
         print(f"explanations (JSON lines): {args.jsonl}")
     return 0
+
+
+#: the first line of an existing --jsonl is read up to this many bytes to tell what it holds
+_PEEK = 1 << 24
+
+
+def _check_single_output(path: str) -> None:
+    """``--jsonl`` of one prompt (no ``--file`` job) replaces the output of an earlier
+    single-prompt run, and nothing else: not the output of a ``--file`` job (finished, or its
+    part files), nor a file that is not lxt's (a prompt file given by mistake).  Checked on its
+    first record, before the model is loaded."""
+    from . import corpus
+
+    p = Path(path)
+    parts = corpus.parts_dir(p)
+    if parts.is_dir():
+        raise UserError(f"--jsonl {path}: {parts} holds the results of an unfinished --file job, "
+                        "which a single prompt would not finish; give another --jsonl file (or "
+                        "rerun that --file job to complete it)")
+    if not p.is_file():
+        return
+    try:
+        with open(p, "rb") as f:
+            first = b""
+            while not first.strip():
+                first = f.readline(_PEEK)
+                if not first:
+                    return  # empty, or only blank lines
+    except OSError as err:
+        raise UserError(f"--jsonl {path}: cannot read it ({err.strerror or err})") from err
+    try:
+        rec = json.loads(first)
+    except ValueError:
+        rec = None
+    if isinstance(rec, dict) and "index" in rec and "key" in rec:
+        raise UserError(f"--jsonl {path} is the output of a --file job, which a single prompt "
+                        "would replace; give another --jsonl file (or add the prompt to that "
+                        "job's prompt file and rerun it)")
+    if not (isinstance(rec, dict) and "relevance" in rec and "method" in rec):
+        raise UserError(f"--jsonl {path} exists and is not the output of an earlier single-prompt "
+                        "`lxt explain`, which is all --jsonl replaces; give another file name, or "
+                        "remove it")
 
 
 def _not_finite(e) -> bool:

@@ -20,11 +20,14 @@ Files
     removes the parts.
 Resume
     Every record carries ``index`` and ``key`` (:func:`record_key`: a hash of the prompt and
-    the job's options).  A rerun reads ``OUT`` and the parts, skips the indices already done
-    with the same key, and shares the rest among its ranks (their number may differ from the
-    first run's).  A record of another job (same index, other prompt or options; or an index
-    the job does not have) is never mixed in: :func:`run` raises :class:`JobMismatch`, naming
-    what differs, and nothing is written.  Two runs must not write the same ``OUT`` at once.
+    the job's options, both stored in the record).  A rerun reads ``OUT`` and the parts, skips
+    the indices already done with the same key, and shares the rest among its ranks (their
+    number may differ from the first run's).  A record of another job (same index, other
+    prompt or options; or an index the job does not have), or one whose key does not match
+    its own prompt and options (edited by hand), is never mixed in: :func:`run` raises
+    :class:`JobMismatch`, naming the line, and nothing is written.  A torn last line of ``OUT``
+    (a write cut short) is dropped like a part file's, and said so; its item is computed
+    again.  Two runs must not write the same ``OUT`` at once.
 """
 from __future__ import annotations
 
@@ -123,10 +126,12 @@ class _Entry(NamedTuple):
     length: int
 
 
-def _scan(path: Path, torn_ok: bool) -> Iterator[tuple[dict, str, _Entry]]:
-    """``(record, where, entry)`` for each line of a JSON-lines file; a last line without its
-    newline (a write cut by a kill) is skipped when ``torn_ok`` (part files); any other line
-    that is not one of our records raises :class:`JobMismatch`."""
+def _scan(path: Path, torn_ok: bool,
+          dropped: Optional[Callable[[str], None]] = None) -> Iterator[tuple[dict, str, _Entry]]:
+    """``(record, where, entry)`` for each line of a JSON-lines file.  A last line without its
+    newline is a write cut short (a kill, a full disk): skipped in a part file (``torn_ok``);
+    in the final file skipped too when it is not JSON, and named to ``dropped``.  Any other
+    line that is not one of our records raises :class:`JobMismatch`."""
     with open(path, "rb") as f:
         offset = 0
         for n, line in enumerate(f, 1):
@@ -136,6 +141,11 @@ def _scan(path: Path, torn_ok: bool) -> Iterator[tuple[dict, str, _Entry]]:
             if not line.strip():
                 continue
             where = f"{path} line {n}"
+            if not line.endswith(b"\n") and not _is_json(line):
+                if dropped is not None:
+                    dropped(f"{where} is incomplete (a write cut short: a killed process or a full "
+                            f"disk); dropped its {len(line)} bytes, that prompt is explained again")
+                return
             try:
                 rec = json.loads(line)
             except ValueError as err:
@@ -149,16 +159,26 @@ def _scan(path: Path, torn_ok: bool) -> Iterator[tuple[dict, str, _Entry]]:
             yield rec, where, _Entry(rec["key"], rec.get("error"), path, start, len(line))
 
 
-def _existing(path: Path, check: Callable[[dict, str], None]) -> dict:
+def _is_json(line: bytes) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
+
+
+def _existing(path: Path, check: Callable[[dict, str], None],
+              dropped: Optional[Callable[[str], None]] = None) -> dict:
     """Index -> :class:`_Entry` of the records already written for ``path`` (its final file,
-    then every part file; the first of duplicates), each passed to ``check`` first."""
+    then every part file; the first of duplicates), each passed to ``check`` first; a torn
+    last line of the final file is named to ``dropped`` (see :func:`_scan`)."""
     sources = [(path, False)] if path.is_file() else []
     parts = parts_dir(path)
     if parts.is_dir():
         sources += [(part, True) for part in sorted(parts.glob("rank*.jsonl"))]
     done: dict = {}
     for source, torn_ok in sources:
-        for rec, where, entry in _scan(source, torn_ok):
+        for rec, where, entry in _scan(source, torn_ok, dropped):
             check(rec, where)
             done.setdefault(rec["index"], entry)
     return done
@@ -329,11 +349,15 @@ def run(items: Sequence[tuple[int, str]], compute: Callable[[list], list], path:
 
     def check(rec, where):
         i = rec["index"]
+        if record_key(rec.get("prompt"), rec.get("options")) != rec["key"]:
+            raise JobMismatch(f"lxt: {where} does not match its own key (its prompt or options "
+                              "were edited?), so it is not the output of this job: delete that "
+                              "line to explain it again, or give another output file")
         if keys.get(i) != rec["key"]:
             raise JobMismatch(f"lxt: {_mismatch(where, rec, i, prompts.get(i), options)}; nothing "
                               "was mixed in: give another output file, or remove it to start over")
 
-    done = _existing(out, check) if out is not None else {}
+    done = _existing(out, check, log if rank == 0 else None) if out is not None else {}
     _barrier()  # every rank has read the files before any writes
     todo = [i for i, _ in items if i not in done]
     mine = todo[rank::world]
@@ -349,8 +373,9 @@ def run(items: Sequence[tuple[int, str]], compute: Callable[[list], list], path:
             records = compute(batch)
             if len(records) != len(batch):
                 raise RuntimeError(f"compute gave {len(records)} records for {len(batch)} items")
-            records = [{"index": i, "key": keys[i], "error": None, **rec, "options": options}
-                       for (i, _), rec in zip(batch, records)]
+            # the prompt and options the key hashes (a rerun checks each record against its key)
+            records = [{"index": i, "key": keys[i], "error": None, **rec, "prompt": p,
+                        "options": options} for (i, p), rec in zip(batch, records)]
             if part is not None:
                 part.write(records)
             else:

@@ -323,6 +323,7 @@ def _user_modules(model: nn.Module) -> list:
                 visit(child, name)
 
     visit(model, "")
+    visit = None  # noqa: F841 - the recursive closure refers to itself: free it now, not by gc
     return out
 
 
@@ -590,17 +591,41 @@ def _explain_ids(model, tokenizer, ids, mask, prompts, targets, contrast, method
     out = []
     for b, prompt in enumerate(prompts):
         keep = mask[b].bool()
-        toks = [tokenizer.decode([int(i)]) for i in ids[b][keep]]
-        latent = {k: v[b][keep.to(v.device)] if v.dim() >= 2 and v.shape[1] == mask.shape[1] else v[b]
-                  for k, v in store.items()}
+        toks, groups = _token_texts(tokenizer, [int(i) for i in ids[b][keep]])
+        latent = {k: _merged(v[b][keep.to(v.device)], groups) if v.dim() >= 2 and v.shape[1] == mask.shape[1]
+                  else v[b] for k, v in store.items()}
+        pos = positions[b]
         out.append(Explanation(
-            tokens=toks, relevance=per_token[b][keep].detach().cpu(),
+            tokens=toks, relevance=_merged(per_token[b][keep].detach().cpu(), groups),
             target=tokenizer.decode([tid[b]]) if lm else tid[b], target_id=tid[b],
             logit=float(values[b].detach()), method=method, prompt=prompt,
             contrast=None if cid[b] is None else (tokenizer.decode([cid[b]]) if lm else cid[b]),
-            latent=latent, position=positions[b],
+            latent=latent, position=None if pos is None else next(g for g, idx in enumerate(groups) if pos in idx),
             partial=missing if method in LRP_METHODS else None))
     return out
+
+
+def _token_texts(tokenizer, ids: list) -> tuple:
+    """``(texts, groups)``: the text of each token, where byte-level tokens that spell one
+    character only together (an emoji, a letter split into bytes) are one entry with that
+    character (``groups[i]``: the token indices of entry ``i``), as the tokenizer's own decoder
+    joins them; a single token of a byte that spells nothing would read U+FFFD."""
+    texts, groups, start = [], [], 0
+    for i in range(len(ids)):
+        text = tokenizer.decode(ids[start:i + 1])
+        if text.endswith("\ufffd") and i + 1 < len(ids):
+            continue  # an incomplete character: it ends in a later token
+        texts.append(text)
+        groups.append(list(range(start, i + 1)))
+        start = i + 1
+    return texts, groups
+
+
+def _merged(values: Tensor, groups: list) -> Tensor:
+    """Per-token ``values`` (first dimension) summed over each entry of ``groups``."""
+    if all(len(g) == 1 for g in groups):
+        return values
+    return torch.stack([values[g].sum(0) for g in groups])
 
 
 def _backward_lrp(values, parts) -> None:
@@ -739,6 +764,26 @@ def _check_tokenizer(tokenizer) -> None:
                         f"AutoTokenizer.from_pretrained(...)), got {type(tokenizer).__name__}.")
 
 
+def _check_not_a_pipeline(model) -> None:
+    import sys
+
+    base = sys.modules.get("transformers.pipelines.base")  # imported if model is a pipeline
+    if base is not None and isinstance(model, base.Pipeline):
+        raise TypeError("lxt: explain takes a model and its tokenizer, not a pipeline: "
+                        "lxt.explain(pipe.model, pipe.tokenizer, ...).")
+
+
+def _takes_embeddings(model) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return True
+    return "inputs_embeds" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()) and \
+        getattr(model, "get_input_embeddings", None) is not None and not _accepts(model, "pixel_values")
+
+
 def _check_prompts(inputs) -> list:
     if isinstance(inputs, str):
         prompts = [inputs]
@@ -860,6 +905,7 @@ def explain(model: nn.Module, tokenizer=None, inputs=None, *, target=None, contr
 def _explain(model, tokenizer, inputs, *, target, contrast, generate, method, steps, layers,
              batch_size, composite, progress, position, partial):
     method = _check_method(method)
+    _check_not_a_pipeline(model)
     if not isinstance(partial, bool):
         raise TypeError(f"lxt: partial must be True or False, got {partial!r}.")
     if not isinstance(model, nn.Module):
@@ -881,6 +927,10 @@ def _explain(model, tokenizer, inputs, *, target, contrast, generate, method, st
                                   contrast)
     _check_tokenizer(tokenizer)
     prompts = _check_prompts(inputs)
+    if not _takes_embeddings(model):
+        raise TypeError(f"lxt: {type(model).__name__} takes no token embeddings (inputs_embeds), so "
+                        "it is not a text model lxt can explain; for an image model give pixel_values "
+                        "(a float tensor) as inputs.")
     kind = _kind(model)
     if position is not None and kind == "classifier":
         raise ValueError(f"lxt: position= is for language models; {type(model).__name__} "

@@ -18,8 +18,16 @@ def colour(value: float, scale: float) -> tuple:
     return (255, fade, fade) if a >= 0 else (fade, fade, 255)
 
 
+#: matplotlib text drawn as it is, whatever a token or a label holds: no mathtext (``$x$``,
+#: ``$$``); LaTeX (``text.usetex``) is off for the whole figure (:func:`png`)
+_LITERAL = {"parse_math": False}
+
+
 def _show_token(tok: str) -> str:
-    return tok.replace("\n", "\\n").replace("\t", "\\t")
+    """A token as it is shown: newlines, tabs and other control characters (a carriage return,
+    a terminal escape) written as escapes, so they neither break the layout nor act."""
+    return "".join(c.encode("unicode_escape").decode("ascii") if ord(c) < 32 or 127 <= ord(c) < 160
+                   else c for c in tok)
 
 
 def terminal(exp) -> str:
@@ -69,8 +77,13 @@ def png(exp, path: str) -> str:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    if exp.tokens is None:
-        return _png_image(exp, path, plt)
+    with plt.rc_context({"text.usetex": False}):  # a matplotlibrc may turn LaTeX on for all text
+        if exp.tokens is None:
+            return _png_image(exp, path, plt)
+        return _png_tokens(exp, path, plt)
+
+
+def _png_tokens(exp, path, plt):
     s = _scale(exp.relevance)
     fig = plt.figure(figsize=(10, 1.0 + 0.45 * (1 + len(exp.tokens) // 12)), dpi=120)
     ax = fig.add_axes([0, 0, 1, 1])
@@ -78,11 +91,12 @@ def png(exp, path: str) -> str:
     renderer = fig.canvas.get_renderer()
     x, y, line = 0.01, 0.80, 0.22 / max(1, (1 + len(exp.tokens) // 12))
     title = f"{exp.method}: target {exp.target!r}" + (f" vs {exp.contrast!r}" if exp.contrast is not None else "")
-    ax.text(0.01, 0.95, title + f"  (value {exp.logit:+.3f})", fontsize=10, va="top", color="#444")
+    ax.text(0.01, 0.95, title + f"  (value {exp.logit:+.3f})", fontsize=10, va="top", color="#444",
+            **_LITERAL)
     for tok, r in zip(exp.tokens, exp.relevance.tolist()):
         rgb = tuple(c / 255 for c in colour(r, s))
         t = ax.text(x, y, _show_token(tok), fontsize=13, family="monospace", va="top",
-                    bbox=dict(facecolor=rgb, edgecolor="none", pad=2))
+                    bbox=dict(facecolor=rgb, edgecolor="none", pad=2), **_LITERAL)
         width = t.get_window_extent(renderer=renderer).width / fig.bbox.width
         x += width + 0.004
         if x > 0.93:
@@ -98,11 +112,11 @@ def _png_image(exp, path, plt):
     shown = img.permute(1, 2, 0) if img.shape[0] in (3, 4) else img[0]
     shown = (shown - shown.min()) / (shown.max() - shown.min() + 1e-12)
     axes[0].imshow(shown.numpy(), cmap=None if shown.dim() == 3 else "gray")
-    axes[0].set_title("input")
+    axes[0].set_title("input", **_LITERAL)
     s = _scale(exp.relevance)
     axes[1].imshow(shown.numpy() if shown.dim() == 2 else shown.mean(-1).numpy(), cmap="gray")
     axes[1].imshow(exp.relevance.numpy(), cmap="bwr", vmin=-s, vmax=s, alpha=0.7)
-    axes[1].set_title(f"{exp.method}: class {exp.target}")
+    axes[1].set_title(f"{exp.method}: class {exp.target}", **_LITERAL)
     for a in axes:
         a.axis("off")
     fig.tight_layout()

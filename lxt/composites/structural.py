@@ -27,6 +27,7 @@ from torch import nn
 
 from .. import functional as lf
 from .. import modules as lm
+from .. import rules
 from ..core.composite import Composite
 from . import native
 from ._common import (activation_calls, arithmetic, attention_calls, epsilon_rule, experts_module,
@@ -34,6 +35,8 @@ from ._common import (activation_calls, arithmetic, attention_calls, epsilon_rul
                       with_epsilon)
 
 _RMS_NAME = re.compile(r"rms_?norm", re.IGNORECASE)
+#: activation modules named for their function (``BloomGelu``, ``QuickGELU``): identity rule
+_ACTIVATION_NAME = re.compile(r"(gelu|silu|swish|mish|relu)(activation)?$", re.IGNORECASE)
 
 
 def _one_tensor_forward(module: nn.Module) -> bool:
@@ -72,6 +75,22 @@ def _is_rms_like(module: nn.Module) -> bool:
             and torch.allclose(weight[0], weight[1], rtol=1e-2, atol=1e-3))
 
 
+def _is_activation(module: nn.Module) -> bool:
+    """A module named like an activation, without parameters, mapping one tensor to one of the
+    same shape (checked on a small input)."""
+    if not _ACTIVATION_NAME.search(type(module).__name__) or not _one_tensor_forward(module):
+        return False
+    if any(True for _ in module.parameters(recurse=True)):
+        return False
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            y = module(x)
+    except Exception:  # noqa: BLE001 - not the kind of module we know
+        return False
+    return isinstance(y, torch.Tensor) and y.shape == x.shape
+
+
 def _is_experts(module: nn.Module) -> bool:
     """transformers 5's fused experts: 3-d ``gate_up_proj`` / ``down_proj`` and ``act_fn``,
     called with ``(hidden_states, top_k_index, top_k_weights)``."""
@@ -106,7 +125,7 @@ def layer_map(model: nn.Module, cp: bool = False, epsilon=None) -> dict:
         t = type(module)
         if t in kinds or t in table:
             continue
-        if _is_rms_like(module):
+        if _is_rms_like(module) or _is_activation(module):
             kinds[t] = identity_module
         elif _is_experts(module):
             kinds[t] = experts_module(cp, epsilon)
@@ -120,6 +139,8 @@ def layer_map(model: nn.Module, cp: bool = False, epsilon=None) -> dict:
         F.normalize: lf.normalize,
         torch.bmm: with_epsilon(lf.matmul, epsilon),
         "bmm": with_epsilon(lf.matmul, epsilon),
+        # bias + q @ k^T (ALiBi attention): the matmul rule, the bias absorbing its share
+        torch.baddbmm: rules.UniformEpsilonRule(**({} if epsilon is None else {"epsilon": epsilon})),
         "matmul": with_epsilon(lf.matmul, epsilon),
         operator.matmul: with_epsilon(lf.matmul, epsilon),
     })

@@ -274,6 +274,7 @@ class Composite:
         self._dispatcher: Optional[Dispatcher] = None
         self._warned: set = set()  # (op, module) pairs already warned about
         self._resolved: dict = {}  # (target, module type, override maps) -> (replacement, label)
+        self._module_values: dict = {}  # (module type, parent type, override maps) -> (found, value)
         self._swaps: list = []  # (parent, name, original, replacement), for suspended()
         self._installed: Optional[tuple] = None  # (had forward, previous, installed)
 
@@ -283,11 +284,18 @@ class Composite:
         return maps + [self.layer_map]
 
     def _module_value(self, qualname: str, module: nn.Module, parent: Optional[nn.Module] = None):
-        for lm in self._maps_for(_ancestors(qualname)):
-            found, value, key = lm.module_value(module, parent)
-            if found:
-                return found, value
-        return False, None
+        maps = self._maps_for(_ancestors(qualname))
+        key = (type(module), type(parent), tuple(map(id, maps)))  # what the answer depends on
+        found = self._module_values.get(key)
+        if found is None:
+            found = False, None
+            for lm in maps:
+                hit, value, _ = lm.module_value(module, parent)
+                if hit:
+                    found = True, value
+                    break
+            self._module_values[key] = found
+        return found
 
     def _resolve_call(self, target, info):
         """(replacement, label) for a call of ``target`` inside the module ``info`` (a
@@ -336,8 +344,9 @@ class Composite:
                 "build a second composite for this model."
             )
         self.remove()
+        named = list(model.named_modules())  # one walk, for the checks and records below
         other = getattr(model.__dict__.get("forward"), "lxt_composite", None)
-        if other is not None or _holds_lxt_wrappers(model):
+        if other is not None or _holds_lxt_wrappers(named):
             raise RuntimeError(
                 "lxt: this model is already registered with another composite; call its "
                 "remove() (or leave its context) before registering a new one."
@@ -345,12 +354,12 @@ class Composite:
         if model.training:
             warnings.warn("lxt: the model is in training mode (dropout is active); call "
                           "model.eval() for deterministic explanations.", stacklevel=2)
-        self._check_overrides(model)
+        self._check_overrides(model, named)
         plan, covered = self._plan_modules(model)  # builds every replacement before changing anything
         self.model = model
         try:
-            self._undo.append(keep_cpu_layout(model))  # bitsandbytes 4-bit layers keep a backward
-            self._record_training(model)
+            self._undo.append(keep_cpu_layout(named))  # bitsandbytes 4-bit layers keep a backward
+            self._record_training(named)
             for parent, child_name, original, replacement, qualname, label in plan:
                 if replacement is not original:
                     self._swap(parent, child_name, original, replacement)
@@ -422,8 +431,8 @@ class Composite:
         return False
 
     # ------------------------------------------------------------------ pieces
-    def _check_overrides(self, model: nn.Module) -> None:
-        names = [n for n, _ in model.named_modules() if n]
+    def _check_overrides(self, model: nn.Module, named: list) -> None:
+        names = [n for n, _ in named if n]
         for pattern, _ in self.overrides:
             if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
                 warnings.warn(f"lxt: override pattern {pattern!r} matches no module of "
@@ -467,6 +476,7 @@ class Composite:
                 visit(child, qualname)
 
         visit(model, "")
+        visit = None  # noqa: F841 - the recursive closure refers to itself: free it now, not by gc
         return plan, covered
 
     def _module_rule(self, value, module: nn.Module, qualname: str) -> nn.Module:
@@ -492,10 +502,10 @@ class Composite:
         parent._modules[name] = replacement
         self._swaps.append((parent, name, original, replacement))
 
-    def _record_training(self, model: nn.Module) -> None:
+    def _record_training(self, named: list) -> None:
         """``remove`` gives every module its own training flag back (``model.train()`` /
         ``eval()`` while registered set them all)."""
-        flags = [(m, m.training) for m in model.modules()]
+        flags = [(m, m.training) for _, m in named]
 
         def undo(flags=flags):
             for m, f in flags:
@@ -628,10 +638,10 @@ def suggest(records) -> str:
     return "; ".join(out)
 
 
-def _holds_lxt_wrappers(model: nn.Module) -> bool:
+def _holds_lxt_wrappers(named: list) -> bool:
     from ..rules.base import RuleModule
 
-    return any(isinstance(m, RuleModule) for m in model.modules())
+    return any(isinstance(m, RuleModule) for _, m in named)
 
 
 def _build_module(value, module: nn.Module, qualname: str) -> nn.Module:

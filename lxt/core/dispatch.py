@@ -230,8 +230,8 @@ class _Trace:
         that run their own rule, whose inside is their rule's)."""
         for t in tensors:
             node = t.grad_fn
-            if node is None or node in self.seen or node in self.covered:
-                continue
+            if (not isinstance(node, _CUSTOM_NODE) or node in self.seen or node in self.covered):
+                continue  # torch's own nodes are what lxt saw being made
             self.seen.add(node)
             kind = _foreign(node)
             if kind is not None:
@@ -390,14 +390,25 @@ class Dispatcher:
                         visit(child, f"{name}.{child_name}" if name else child_name)
             return info
 
-        return visit(model, "")
+        root = visit(model, "")
+        visit = None  # noqa: F841 - the recursive closure refers to itself: free it now, not by gc
+        return root
 
     def _hook(self, module: nn.Module, info: ModuleInfo) -> None:
-        if self._hooks is None:  # one pair for all modules; never traced by TorchDynamo
-            self._hooks = (
-                torch.compiler.disable(lambda m, args, kwargs: self._enter_module(self.infos[id(m)])),
-                torch.compiler.disable(
-                    lambda m, args, kwargs, out: self._leave_module(self.infos[id(m)], args, kwargs, out)))
+        if self._hooks is None:  # one pair for all modules
+            infos, is_compiling = self.infos, torch.compiler.is_compiling
+
+            def pre(m, args, kwargs):
+                # (a region TorchDynamo compiles outside the registered forward runs without
+                # lxt: nothing to follow there; inside the forward compiled code runs eagerly)
+                if not is_compiling():
+                    self._enter_module(infos[id(m)])
+
+            def post(m, args, kwargs, out):
+                if not is_compiling():
+                    self._leave_module(infos[id(m)], args, kwargs, out)
+
+            self._hooks = (pre, post)
         pre, post = self._hooks
         self.handles.append(module.register_forward_pre_hook(pre, prepend=True, with_kwargs=True))
         self.handles.append(module.register_forward_hook(post, with_kwargs=True, always_call=True))
@@ -408,6 +419,10 @@ class Dispatcher:
         self.handles = []
         self.dead = True
         self.model = None
+        # no reference cycles left (the hooks' closures, the composite's lookup): a finished
+        # registration is freed at once, not by a later garbage collection
+        self._hooks = None
+        self.resolve_call = None
         st = self.state
         while st.depth > 0:  # left over by an interrupt (KeyboardInterrupt skips post-hooks)
             self._exit()
@@ -661,12 +676,13 @@ def _outputs(out, depth: int = 0) -> list:
 
 
 _LXT_FUNCTIONS = ("lxt.", "torch.utils.checkpoint")
+_CUSTOM_NODE = torch.autograd.function.BackwardCFunction
 
 
 def _foreign(node) -> Optional[tuple]:
     """``("function", name)`` for a custom autograd Function that is not lxt's, ``("compiled",
     name)`` for a torch.compile'd region, ``None`` for everything else."""
-    if not isinstance(node, torch.autograd.function.BackwardCFunction):
+    if not isinstance(node, _CUSTOM_NODE):
         return None
     cls = getattr(node, "_forward_cls", None)
     module = getattr(cls, "__module__", "") or ""

@@ -25,11 +25,12 @@ def _repacked(module: nn.Module) -> bool:
     return bool(getattr(state, "packing_format_for_cpu", False))
 
 
-def keep_cpu_layout(model: nn.Module) -> Callable[[], None]:
+def keep_cpu_layout(model) -> Callable[[], None]:
     """Refuse a model whose 4-bit layers bitsandbytes already repacked (one line naming the
     layer and the fix), and keep it from repacking them while lxt holds the model; returns the
-    undo (the layers' own setting back)."""
-    layers = [(name, m) for name, m in model.named_modules() if _is_bnb_4bit(m)]
+    undo (the layers' own setting back).  ``model``: the model, or its ``named_modules()``."""
+    named = model.named_modules() if isinstance(model, nn.Module) else model
+    layers = [(name, m) for name, m in named if _is_bnb_4bit(m)]
     packed = [name for name, m in layers if _repacked(m)]
     if packed:
         more = f" (and {len(packed) - 1} more)" if len(packed) > 1 else ""
