@@ -30,7 +30,8 @@ $(COMPAT)/.lxt-installed: pyproject.toml requirements-compat.txt
 test-compat: $(COMPAT)/.lxt-installed
 	$(COMPAT)/bin/python -m pytest -q -m "not slow" tests/test_composite.py tests/test_explain.py \
 		tests/test_functional.py tests/test_rules.py tests/test_modules.py tests/test_explicit.py \
-		tests/test_published_lxt.py tests/test_dispatch.py tests/test_real_inputs.py
+		tests/test_published_lxt.py tests/test_dispatch.py tests/test_real_inputs.py \
+		tests/test_chat_and_pipelines.py
 
 # torchvision's ViT (nn.MultiheadAttention) in its own environment: torchvision needs the torch
 # it was built against (2.14.1 here), not the pinned CPU build of the main environment

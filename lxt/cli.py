@@ -14,6 +14,7 @@ EXAMPLES = """examples:
   lxt explain "The capital of France is"
   lxt explain "The capital of France is" --target " Paris" --html out.html --png out.png
   lxt explain "..." --model PATH_OR_GGUF --method cp-lrp --generate 5
+  lxt explain --chat "What is the capital of France?" --system "Answer in one word."
   lxt explain --file prompts.txt --jsonl out.jsonl
   torchrun --nproc-per-node 4 -m lxt.cli explain --file prompts.txt --jsonl out.jsonl
 """
@@ -42,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
                    "prompt and one record, indexed by its line number; a blank or over-long "
                    "line gives a record with an error); with --jsonl the job is resumable and "
                    "runs data-parallel under torchrun / accelerate launch")
+    e.add_argument("--chat", action="store_true", help="the prompt (or each line of --file) is a "
+                   "user message: render it with the model's chat template and explain the "
+                   "first token of the answer")
+    e.add_argument("--system", help="with --chat: a system message before the user's")
     e.add_argument("--target", help="explain this next token (a single token, e.g. ' Paris'); "
                    "default: the model's prediction")
     e.add_argument("--contrast", help="explain logit(target) - logit(contrast)")
@@ -203,6 +208,10 @@ def _check_args(args) -> None:
 
         raise UserError(f"give a prompt or --file, not both (the prompt {_short(args.prompt)} would "
                         f"be ignored: add it as a line of {args.file}, or drop --file)")
+    if args.system is not None and not args.chat:
+        raise UserError("--system is for --chat (a system message before the user's)")
+    if args.system is not None and not args.system.strip():
+        raise UserError("empty --system message: give some text, or drop --system")
     if args.steps < 1:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
     if args.batch_size < 1:
@@ -224,7 +233,35 @@ def _check_args(args) -> None:
             raise UserError("--png needs matplotlib (pip install matplotlib)")
 
 
-def _check_lengths(model, tok, prompts) -> None:
+def _messages(args, prompt: str):
+    """What explain gets for a prompt: the text, or with --chat the conversation."""
+    if not args.chat:
+        return prompt
+    system = [{"role": "system", "content": args.system}] if args.system is not None else []
+    return [*system, {"role": "user", "content": prompt}]
+
+
+def _check_chat(args, tok) -> None:
+    """--chat needs a chat template (checked once the tokenizer is loaded)."""
+    if args.chat and not getattr(tok, "chat_template", None):
+        raise UserError("--chat needs a chat template, and the model's tokenizer has none; give "
+                        "the prompt as text (drop --chat)")
+
+
+def _length(args, tok, prompt: str) -> int:
+    """The number of tokens the model gets for ``prompt`` (with --chat: rendered)."""
+    from .explain import _encode
+
+    if not args.chat:
+        return len(tok(prompt)["input_ids"])
+    try:
+        (text,), _ = _encode(tok, _messages(args, prompt))
+    except (ValueError, TypeError) as err:
+        raise UserError(str(err).removeprefix("lxt: ")) from err
+    return len(text.ids)
+
+
+def _check_lengths(args, model, tok, prompts) -> None:
     """Each prompt fits the model's context (named by its line, before any computation)."""
     from .explain import _context_length
 
@@ -232,7 +269,7 @@ def _check_lengths(model, tok, prompts) -> None:
     if limit is None:
         return
     for _, prompt, where in prompts:
-        n = len(tok(prompt)["input_ids"])
+        n = _length(args, tok, prompt)
         if n > limit:
             raise UserError(f"{where} is {n} tokens, longer than the model's context of {limit}")
 
@@ -259,8 +296,9 @@ def _explain(args) -> int:
     if args.jsonl:
         _check_single_output(args.jsonl)
     model, tok = _load(args.model, args.dtype, args.device_map)
-    _check_lengths(model, tok, prompts)
-    texts = [p for _, p, _ in prompts]
+    _check_chat(args, tok)
+    _check_lengths(args, model, tok, prompts)
+    texts = [_messages(args, p) for _, p, _ in prompts]
     try:
         if args.generate:
             exps = explain(model, tok, texts[0], generate=args.generate, method=method, steps=args.steps)
@@ -387,7 +425,7 @@ def _from_record(rec):
     return Explanation(tokens=rec["tokens"], relevance=torch.tensor(rec["relevance"]),
                        target=rec["target"], target_id=rec["target_id"], logit=rec["logit"],
                        method=rec["method"], prompt=rec["prompt"], contrast=rec["contrast"],
-                       position=rec["position"])
+                       position=rec["position"], in_user_message=rec.get("in_user_message"))
 
 
 def _explain_corpus(args, method, prompts) -> int:
@@ -401,6 +439,7 @@ def _explain_corpus(args, method, prompts) -> int:
         raise UserError("several processes write their shares of --file to a file: give --jsonl")
     with corpus.process_group() as (rank, world):
         model, tok = _load(args.model, args.dtype, args.device_map)
+        _check_chat(args, tok)
         _place(model, args.device_map)
         kind = _kind(model)
         try:  # what holds for every prompt is checked once (an error, not a record per line)
@@ -416,11 +455,16 @@ def _explain_corpus(args, method, prompts) -> int:
         options = {"model": _model_identity(args.model), "dtype": args.dtype, "method": method,
                    "target": args.target, "contrast": args.contrast, "position": args.position,
                    "steps": args.steps if method == "integrated_gradients" else None}
+        if args.chat:  # only then: the keys of plain-prompt jobs stay as they were
+            options.update(chat=True, system=args.system)
 
         def one_error(prompt):
             if not prompt.strip():
                 return "empty prompt"
-            n = len(tok(prompt)["input_ids"])
+            try:
+                n = _length(args, tok, prompt)
+            except UserError as err:
+                return str(err)
             if limit is not None and n > limit:
                 return f"{n} tokens, longer than the model's context of {limit}"
             return None
@@ -429,7 +473,8 @@ def _explain_corpus(args, method, prompts) -> int:
             """Explanations or error messages, one per text (a failing batch is retried
             prompt by prompt, so one bad prompt does not fail the others)."""
             try:
-                exps = explain(model, tok, texts, target=args.target, contrast=args.contrast,
+                exps = explain(model, tok, [_messages(args, t) for t in texts],
+                               target=args.target, contrast=args.contrast,
                                method=method, steps=args.steps, batch_size=len(texts),
                                progress=False, position=args.position)
             except (ValueError, TypeError) as err:

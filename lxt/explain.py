@@ -1,6 +1,9 @@
 """The job users run: explain a prediction of a text or image model in one call.
 
 >>> exp = lxt.explain(model, tokenizer, "The capital of France is")
+>>> exp = lxt.explain(pipe, "The capital of France is")       # a transformers pipeline
+>>> exp = lxt.explain(model, tokenizer, [{"role": "user", "content": "Hi"}])  # chat messages
+>>> exp = lxt.explain(model, tokenizer, [1, 504, 3575])         # token ids
 >>> exp.tokens, exp.relevance, exp.target, exp.logit
 >>> exp.show(); exp.to_html("out.html"); exp.to_png("out.png")
 """
@@ -40,7 +43,8 @@ class Explanation:
     method : str
         ``attnlrp``, ``cp-lrp``, ``input_x_gradient``, ``gradient`` or ``integrated_gradients``.
     prompt : str, optional
-        The input text.
+        The input text: the prompt, the conversation as the chat template rendered it, or the
+        decoded token ids.
     contrast : str or int, optional
         The contrast output, when a logit difference was explained.
     latent : dict of str to Tensor
@@ -55,6 +59,11 @@ class Explanation:
         LRP methods: what ran without an LRP rule on the relevance path (operations the
         composite has no rule for), when the result was asked for with ``partial=True``;
         ``None`` when every operation had its rule.
+    in_user_message : list of bool, optional
+        Chat messages: per entry of :attr:`tokens`, whether it is part of a user message's
+        content (the rest is the chat template: role headers, special tokens, a system
+        message).  ``None`` for other inputs, or where the user's text cannot be located in
+        the rendered conversation (a template that rewrites it; a tokenizer without offsets).
     """
 
     tokens: Optional[list]
@@ -69,6 +78,7 @@ class Explanation:
     image: Optional[Tensor] = None
     position: Optional[int] = None
     partial: Optional[str] = None
+    in_user_message: Optional[list] = None
 
     # ------------------------------------------------------------------ views
     def top(self, k: int = 5) -> list:
@@ -79,7 +89,7 @@ class Explanation:
         return [(self.tokens[i], float(self.relevance[i])) for i in order]
 
     def to_dict(self) -> dict:
-        """A JSON-ready dict (tokens, relevance, target, logit, method, prompt)."""
+        """A JSON-ready dict (tokens, relevance, target, logit, method, prompt, ...)."""
         return {
             "prompt": self.prompt,
             "tokens": self.tokens,
@@ -91,6 +101,7 @@ class Explanation:
             "method": self.method,
             "position": self.position,
             "partial": self.partial,
+            "in_user_message": self.in_user_message,
         }
 
     def show(self) -> None:
@@ -349,22 +360,220 @@ def _progress(iterable, total, desc, enabled):
     return tqdm(iterable, total=total, desc=desc, leave=False)
 
 
-# ---------------------------------------------------------------------- text
-def _tokenize(tokenizer, prompts, left: bool):
-    if any(not isinstance(p, str) or not p.strip() for p in prompts):
-        raise ValueError("lxt: empty prompt: give some text to explain.")
-    side = getattr(tokenizer, "padding_side", "right")
-    pad = tokenizer.pad_token_id
+# ---------------------------------------------------------------------- text inputs
+#: the pipelines explain takes (class name in transformers.pipelines -> task)
+PIPELINES = {"TextGenerationPipeline": "text-generation",
+             "TextClassificationPipeline": "text-classification",
+             "FillMaskPipeline": "fill-mask"}
+
+
+@dataclass
+class _Text:
+    """One text input, tokenized: ``ids`` as the model gets them, the ``prompt`` text, and per
+    id whether it lies in a user message (``user``; chat messages only)."""
+
+    ids: list
+    prompt: str
+    user: Optional[list] = None
+
+
+def _unpack_pipeline(model, tokenizer, inputs):
+    """``(model, tokenizer, inputs, prefix)``: a pipeline's model and tokenizer (its inputs are
+    the second positional argument), and the text a text-generation pipeline puts before each
+    prompt (``model.config.prefix``); anything else passes through."""
+    import sys
+
+    base = sys.modules.get("transformers.pipelines.base")  # imported if model is a pipeline
+    if base is None or not isinstance(model, base.Pipeline):
+        return model, tokenizer, inputs, ""
+    names = {c.__name__ for c in type(model).__mro__}
+    task = next((t for n, t in PIPELINES.items() if n in names), None)
+    if task is None:
+        raise TypeError(
+            f"lxt: explain takes text-generation, text-classification and fill-mask pipelines, not "
+            f"{getattr(model, 'task', None) or type(model).__name__!r}; pass its model: "
+            "lxt.explain(pipe.model, pipe.tokenizer, ...) (images: pipe.model with pixel_values).")
+    if inputs is None:
+        tokenizer, inputs = None, tokenizer
+    if tokenizer is not None and tokenizer is not model.tokenizer:
+        raise TypeError("lxt: a pipeline brings its own tokenizer; call lxt.explain(pipe, inputs).")
+    prefix = getattr(model, "prefix", None) if task == "text-generation" else None
+    return model.model, model.tokenizer, inputs, prefix if isinstance(prefix, str) else ""
+
+
+def _is_id(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _integer_tensor(x) -> bool:
+    """An integer tensor of token ids (``uint8`` and ``bool`` are images or masks, not ids)."""
+    return (isinstance(x, Tensor) and not x.is_floating_point() and not x.is_complex()
+            and x.dtype not in (torch.bool, torch.uint8))
+
+
+def _encode(tokenizer, inputs, prefix: str = "") -> tuple:
+    """``(texts, single)``: the text inputs as :class:`_Text`, checked before any model runs.
+
+    A prompt or a list of prompts is tokenized as the tokenizer does by default (its special
+    tokens added); a conversation (a list of message dicts), or a list of them, is rendered
+    with the chat template; token ids (ints, a 1-D or 2-D integer tensor, a list of lists) are
+    taken as they are."""
+    if isinstance(inputs, Tensor):
+        if not _integer_tensor(inputs) or inputs.dim() not in (1, 2):
+            raise TypeError(f"lxt: inputs is a {inputs.dtype} tensor of shape {tuple(inputs.shape)}: "
+                            "token ids are a 1-D or 2-D integer tensor, an image is float pixel_values.")
+        rows = inputs.tolist() if inputs.dim() == 2 else [inputs.tolist()]
+        if not rows:
+            raise ValueError("lxt: no prompt given.")
+        return [_from_ids(tokenizer, r, i, len(rows)) for i, r in enumerate(rows)], inputs.dim() == 1
+    if isinstance(inputs, str):
+        return _from_prompts(tokenizer, [inputs], prefix), True
+    if not isinstance(inputs, (list, tuple)):
+        raise TypeError(f"lxt: inputs must be a prompt (str), a list of prompts, chat messages (a "
+                        "list of {'role': ..., 'content': ...} dicts), token ids (ints or an "
+                        "integer tensor) or pixel_values (a float tensor), got "
+                        f"{type(inputs).__name__}.")
+    if not inputs:
+        raise ValueError("lxt: no prompt given.")
+    first = inputs[0]
+    if isinstance(first, dict):
+        return [_from_chat(tokenizer, inputs, 0, 1)], True
+    if _is_id(first):
+        return [_from_ids(tokenizer, inputs, 0, 1)], True
+    n = len(inputs)
+    if isinstance(first, (list, tuple)) and first and isinstance(first[0], dict):
+        return [_from_chat(tokenizer, c, i, n) for i, c in enumerate(inputs)], False
+    if isinstance(first, (list, tuple)) or _integer_tensor(first):
+        return [_from_ids(tokenizer, r, i, n) for i, r in enumerate(inputs)], False
+    return _from_prompts(tokenizer, inputs, prefix), False
+
+
+def _from_prompts(tokenizer, prompts, prefix: str) -> list:
+    for p in prompts:
+        if not isinstance(p, str):
+            raise TypeError(f"lxt: prompts must be strings, got {type(p).__name__} ({p!r}).")
+        if not p.strip():
+            raise ValueError("lxt: empty prompt: give some text to explain.")
+    texts = [prefix + p for p in prompts]
+    return [_Text(list(ids), t) for ids, t in zip(tokenizer(texts)["input_ids"], texts)]
+
+
+def _which(i: int, n: int, what: str) -> str:
+    return f"the {what}" if n == 1 else f"{what} {i + 1}"
+
+
+def _from_ids(tokenizer, ids, i: int, n: int) -> _Text:
+    which = _which(i, n, "input")
+    if _integer_tensor(ids) and ids.dim() == 1:
+        ids = ids.tolist()
+    if not isinstance(ids, (list, tuple)):
+        raise TypeError(f"lxt: {which} is a {type(ids).__name__}; a batch of token ids is a list of "
+                        "lists of ints (or a 2-D integer tensor).")
+    if not ids:
+        raise ValueError(f"lxt: empty prompt: {which} has no token ids.")
+    bad = next((t for t in ids if not _is_id(t)), None)
+    if bad is not None:
+        raise TypeError(f"lxt: token ids must be ints; {which} holds {bad!r}.")
+    if min(ids) < 0:
+        raise ValueError(f"lxt: token ids must be >= 0; {which} holds {min(ids)}.")
+    return _Text(list(ids), tokenizer.decode(list(ids)))
+
+
+#: what stands in for a user message's content to find where the template puts it
+_PROBE = "LXT-USER-CONTENT-PROBE"
+
+
+def _from_chat(tokenizer, messages, i: int, n: int) -> _Text:
+    """A conversation rendered with the tokenizer's chat template (its special tokens once, as
+    the template writes them): with the generation prompt, or continuing a final assistant
+    message (as transformers' text-generation pipeline does)."""
+    which = _which(i, n, "conversation")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"lxt: the tokenizer ({type(tokenizer).__name__}) has no chat template, so "
+                         "it cannot render chat messages; give the prompt as text, or set "
+                         "tokenizer.chat_template.")
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError(f"lxt: {which} has no messages; a conversation is a list of "
+                         "{'role': ..., 'content': ...} dicts.")
+    for j, m in enumerate(messages):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            shown = repr(m) if len(repr(m)) <= 60 else repr(m)[:57] + "..."
+            raise TypeError(f"lxt: message {j + 1} of {which} must be a dict with 'role' and "
+                            f"'content' strings, got {shown}.")
+    messages = list(messages)
+    final = messages[-1]["role"] == "assistant"
+    how = {"add_generation_prompt": not final, "continue_final_message": final}
     try:
-        tokenizer.padding_side = "left" if left else "right"
-        if pad is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        enc = tokenizer(list(prompts), return_tensors="pt", padding=True)
-    finally:
-        tokenizer.padding_side = side
-        if pad is None:
-            tokenizer.pad_token = None
-    return enc["input_ids"], enc["attention_mask"]
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, **how)
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **how)["input_ids"]
+    except Exception as err:  # noqa: BLE001 - a template's raise_exception, a missing variable
+        line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"lxt: the chat template cannot render {which}: {line}") from err
+    if not ids:
+        raise ValueError(f"lxt: the chat template renders {which} as no tokens.")
+    return _Text(list(ids), rendered, _user_tokens(tokenizer, messages, how, rendered, list(ids)))
+
+
+def _user_tokens(tokenizer, messages, how, rendered, ids) -> Optional[list]:
+    """Per id of the rendered conversation, whether it lies in a user message's content;
+    ``None`` if no user content is found.  Each user message is located by rendering the
+    conversation with a probe in its place (what precedes the probe must match the real
+    rendering), and the tokens by their character offsets (fast tokenizers)."""
+    spans = []
+    for k, m in enumerate(messages):
+        if m["role"] != "user" or not m["content"].strip():
+            continue
+        probe = [dict(x, content=_PROBE) if j == k else x for j, x in enumerate(messages)]
+        try:
+            other = tokenizer.apply_chat_template(probe, tokenize=False, **how)
+        except Exception:  # noqa: BLE001 - a template that inspects the content: no marking
+            continue
+        at = other.find(_PROBE)
+        if at < 0 or other[:at] != rendered[:at]:
+            continue
+        for text in (m["content"], m["content"].strip()):  # a template may trim it
+            if rendered.startswith(text, at):
+                spans.append((at, at + len(text)))
+                break
+    if not spans:
+        return None
+    try:
+        enc = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, ValueError, TypeError):  # a slow tokenizer has no offsets
+        return None
+    if list(enc["input_ids"]) != ids:
+        return None
+    return [e > s and any(s < b and a < e for a, b in spans) for s, e in enc["offset_mapping"]]
+
+
+def _check_vocabulary(model, texts) -> None:
+    """Every token id is a row of the model's input embedding."""
+    size = getattr(_embedding(model), "num_embeddings", None)
+    if not isinstance(size, int):
+        return
+    for i, t in enumerate(texts):
+        bad = next((x for x in t.ids if x >= size), None)
+        if bad is not None:
+            which = _which(i, len(texts), "input")
+            raise ValueError(f"lxt: {which} holds token id {bad}, outside the model's vocabulary of "
+                             f"{size} (ids of another tokenizer?).")
+
+
+# ---------------------------------------------------------------------- text
+def _batch(tokenizer, seqs: list, left: bool) -> tuple:
+    """``(input_ids, attention_mask)`` of the id lists, padded on the left or the right (with the
+    tokenizer's pad id, else its end-of-sequence id; padding is masked either way)."""
+    pad = tokenizer.pad_token_id
+    pad = pad if pad is not None else tokenizer.eos_token_id
+    pad = pad if pad is not None else 0
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        where = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[b, where] = torch.tensor(s, dtype=torch.long)
+        mask[b, where] = 1
+    return ids, mask
 
 
 def _accepts(model, name: str) -> bool:
@@ -475,16 +684,16 @@ def _output_size(model, kind: str) -> Optional[int]:
     return int(weight.shape[0]) if isinstance(weight, Tensor) else None
 
 
-def _positions(model, tokenizer, prompts, position, kind) -> list:
-    """Per prompt, the index (into its tokens) whose output is explained; checked (and the
-    prompts' lengths too) before any forward pass."""
+def _positions(model, tokenizer, texts, position, kind) -> list:
+    """Per text, the index (into its tokens) whose output is explained; checked (and the
+    lengths too) before any forward pass."""
     limit = _context_length(model)
     mask_id = getattr(tokenizer, "mask_token_id", None)
     out = []
-    for i, prompt in enumerate(prompts):
-        ids = tokenizer(prompt)["input_ids"]
+    for i, text in enumerate(texts):
+        ids, prompt = text.ids, text.prompt
         n = len(ids)
-        which = f"the prompt {_short(prompt)}" if len(prompts) == 1 else f"prompt {i + 1} {_short(prompt)}"
+        which = f"the prompt {_short(prompt)}" if len(texts) == 1 else f"prompt {i + 1} {_short(prompt)}"
         if limit is not None and n > limit:
             raise ValueError(f"lxt: {which} is {n} tokens, longer than the model's context of {limit}.")
         if kind == "classifier":
@@ -512,12 +721,12 @@ def _short(prompt: str, n: int = 40) -> str:
     return repr(prompt if len(prompt) <= n else prompt[: n - 3] + "...")
 
 
-def _explain_text_batch(model, tokenizer, prompts, targets, contrast, method, steps, layers,
+def _explain_text_batch(model, tokenizer, texts, targets, contrast, method, steps, layers,
                         positions, partial=False):
     kind = _kind(model)
-    ids, mask = _tokenize(tokenizer, prompts, kind == "causal" or _pools_last_token(model, kind))
-    return _explain_ids(model, tokenizer, ids, mask, prompts, targets, contrast, method, steps,
-                        layers, kind, positions, partial)
+    ids, mask = _batch(tokenizer, [t.ids for t in texts], kind == "causal" or _pools_last_token(model, kind))
+    return _explain_ids(model, tokenizer, ids, mask, [t.prompt for t in texts], targets, contrast,
+                        method, steps, layers, kind, positions, partial, [t.user for t in texts])
 
 
 def _uncovered(model, method: str, partial: bool) -> Optional[str]:
@@ -544,7 +753,7 @@ def _uncovered(model, method: str, partial: bool) -> Optional[str]:
 
 
 def _explain_ids(model, tokenizer, ids, mask, prompts, targets, contrast, method, steps, layers,
-                 kind, positions, partial=False):
+                 kind, positions, partial=False, users=None):
     limit = _context_length(model)
     if limit is not None and ids.shape[1] > limit:
         raise ValueError(f"lxt: the prompt is {ids.shape[1]} tokens, longer than the model's context of {limit}.")
@@ -595,13 +804,15 @@ def _explain_ids(model, tokenizer, ids, mask, prompts, targets, contrast, method
         latent = {k: _merged(v[b][keep.to(v.device)], groups) if v.dim() >= 2 and v.shape[1] == mask.shape[1]
                   else v[b] for k, v in store.items()}
         pos = positions[b]
+        user = users[b] if users is not None else None
         out.append(Explanation(
             tokens=toks, relevance=_merged(per_token[b][keep].detach().cpu(), groups),
             target=tokenizer.decode([tid[b]]) if lm else tid[b], target_id=tid[b],
             logit=float(values[b].detach()), method=method, prompt=prompt,
             contrast=None if cid[b] is None else (tokenizer.decode([cid[b]]) if lm else cid[b]),
             latent=latent, position=None if pos is None else next(g for g, idx in enumerate(groups) if pos in idx),
-            partial=missing if method in LRP_METHODS else None))
+            partial=missing if method in LRP_METHODS else None,
+            in_user_message=None if user is None else [any(user[j] for j in g) for g in groups]))
     return out
 
 
@@ -764,15 +975,6 @@ def _check_tokenizer(tokenizer) -> None:
                         f"AutoTokenizer.from_pretrained(...)), got {type(tokenizer).__name__}.")
 
 
-def _check_not_a_pipeline(model) -> None:
-    import sys
-
-    base = sys.modules.get("transformers.pipelines.base")  # imported if model is a pipeline
-    if base is not None and isinstance(model, base.Pipeline):
-        raise TypeError("lxt: explain takes a model and its tokenizer, not a pipeline: "
-                        "lxt.explain(pipe.model, pipe.tokenizer, ...).")
-
-
 def _takes_embeddings(model) -> bool:
     import inspect
 
@@ -784,32 +986,16 @@ def _takes_embeddings(model) -> bool:
         getattr(model, "get_input_embeddings", None) is not None and not _accepts(model, "pixel_values")
 
 
-def _check_prompts(inputs) -> list:
-    if isinstance(inputs, str):
-        prompts = [inputs]
-    elif isinstance(inputs, (list, tuple)):
-        prompts = list(inputs)
-    else:
-        raise TypeError(f"lxt: inputs must be a prompt (str), a list of prompts or pixel_values "
-                        f"(a float tensor), got {type(inputs).__name__}.")
-    if not prompts:
-        raise ValueError("lxt: no prompt given.")
-    for p in prompts:
-        if not isinstance(p, str):
-            raise TypeError(f"lxt: prompts must be strings, got {type(p).__name__} ({p!r}).")
-        if not p.strip():
-            raise ValueError("lxt: empty prompt: give some text to explain.")
-    return prompts
-
-
 def _check_image_input(model, inputs: Tensor) -> None:
     if not inputs.is_floating_point():
-        raise TypeError(f"lxt: inputs is a {inputs.dtype} tensor: for text give the prompt as a "
-                        "string (explain tokenizes it); for images give float pixel_values.")
+        raise TypeError(f"lxt: inputs is a {inputs.dtype} tensor of shape {tuple(inputs.shape)}: "
+                        "for images give float pixel_values; token ids are a 1-D or 2-D integer "
+                        "tensor.")
     plain = getattr(model, "config", None) is None  # a plain nn.Module (torchvision): model(image)
     if not plain and not _accepts(model, "pixel_values"):
-        raise TypeError(f"lxt: {type(model).__name__} takes no pixel_values: a tensor input is an "
-                        "image; for text give the prompt as a string.")
+        raise TypeError(f"lxt: {type(model).__name__} takes no pixel_values: a float tensor input is "
+                        "an image; for text give the prompt as a string (or token ids as an "
+                        "integer tensor).")
 
 
 @contextlib.contextmanager
@@ -837,25 +1023,32 @@ def explain(model: nn.Module, tokenizer=None, inputs=None, *, target=None, contr
 
     Parameters
     ----------
-    model : nn.Module
+    model : nn.Module or transformers.Pipeline
         A stock HuggingFace model (causal LM, masked LM, sequence classifier, or image
         classifier), or a plain ``nn.Module`` image classifier called as ``model(image)``
         and returning logits (torchvision; pass its ``composite=`` if
         ``lxt.composites.attnlrp(model)`` has no table for it).  It is patched only during the call and left exactly as it was.
+        Or a ``text-generation``, ``text-classification`` or ``fill-mask`` pipeline:
+        ``explain(pipe, inputs)`` explains ``pipe.model`` with ``pipe.tokenizer``, prompts
+        tokenized as the pipeline does (a text-generation pipeline's ``prefix`` included).
     tokenizer : tokenizer or image processor or None
         The model's tokenizer (text).  For images pass ``None`` (or the image processor,
         unused: give already processed ``pixel_values``).
-    inputs : str, list of str, or Tensor
-        A prompt, a list of prompts (batched, one explanation each), or ``pixel_values``
-        (float, one image).
+    inputs : str, list, or Tensor
+        A prompt (tokenized with the tokenizer's special tokens); chat messages, a list of
+        ``{"role": ..., "content": ...}`` dicts, rendered with the tokenizer's chat template
+        (with the generation prompt, or continuing a final assistant message; special tokens
+        as the template writes them, once); token ids (a list of ints or a 1-D integer
+        tensor), taken as they are; a list of any one of these, or a 2-D integer tensor
+        (batched, one explanation each); or ``pixel_values`` (float, one image).
     target : str or int, optional
         The output to explain: a single token (``" Paris"``), a class index or label, or a
         list with one per prompt.  Default: the model's prediction.
     contrast : str or int, optional
         Explain ``logit(target) - logit(contrast)`` instead.
     generate : int
-        Greedily generate this many tokens from one prompt and explain each (returns a list;
-        no ``target`` / ``contrast``).
+        Greedily generate this many tokens from one prompt (or conversation, or ids) and
+        explain each (returns a list; no ``target`` / ``contrast``).
     method : str
         ``"attnlrp"`` (default), ``"cp-lrp"``, ``"input_x_gradient"``, ``"gradient"`` (L2 norm
         of the gradient per token) or ``"integrated_gradients"`` (``steps`` midpoint steps
@@ -890,7 +1083,7 @@ def explain(model: nn.Module, tokenizer=None, inputs=None, *, target=None, contr
 
     Returns
     -------
-    Explanation, or list of Explanation (for a list of prompts or ``generate``).
+    Explanation, or list of Explanation (for a batch or ``generate``).
 
     Called inside ``torch.no_grad()`` or ``torch.inference_mode()``, it still explains: the
     backward pass needs gradients, so the call turns them back on for itself.
@@ -905,7 +1098,7 @@ def explain(model: nn.Module, tokenizer=None, inputs=None, *, target=None, contr
 def _explain(model, tokenizer, inputs, *, target, contrast, generate, method, steps, layers,
              batch_size, composite, progress, position, partial):
     method = _check_method(method)
-    _check_not_a_pipeline(model)
+    model, tokenizer, inputs, prefix = _unpack_pipeline(model, tokenizer, inputs)
     if not isinstance(partial, bool):
         raise TypeError(f"lxt: partial must be True or False, got {partial!r}.")
     if not isinstance(model, nn.Module):
@@ -917,7 +1110,7 @@ def _explain(model, tokenizer, inputs, *, target, contrast, generate, method, st
     if position is not None and (isinstance(position, bool) or not isinstance(position, int)):
         raise TypeError(f"lxt: position must be a token index (int), got {position!r}.")
     _check_composite(model, method, composite)
-    if isinstance(inputs, Tensor):
+    if isinstance(inputs, Tensor) and not _integer_tensor(inputs):
         _check_image_input(model, inputs)
         if generate or position is not None:
             raise ValueError("lxt: generate= and position= are for text models; an image is "
@@ -926,7 +1119,7 @@ def _explain(model, tokenizer, inputs, *, target, contrast, generate, method, st
             return _explain_image(model, inputs, target, method, steps, layers, composite, partial,
                                   contrast)
     _check_tokenizer(tokenizer)
-    prompts = _check_prompts(inputs)
+    texts, single = _encode(tokenizer, inputs, prefix)
     if not _takes_embeddings(model):
         raise TypeError(f"lxt: {type(model).__name__} takes no token embeddings (inputs_embeds), so "
                         "it is not a text model lxt can explain; for an image model give pixel_values "
@@ -935,9 +1128,10 @@ def _explain(model, tokenizer, inputs, *, target, contrast, generate, method, st
     if position is not None and kind == "classifier":
         raise ValueError(f"lxt: position= is for language models; {type(model).__name__} "
                          "classifies the whole sequence.")
+    _check_vocabulary(model, texts)
     if generate:
-        if not isinstance(inputs, str):
-            raise ValueError(f"lxt: generate= continues one prompt; got a list of {len(prompts)}. "
+        if not single:
+            raise ValueError(f"lxt: generate= continues one prompt; got a list of {len(texts)}. "
                              "Call explain once per prompt.")
         if target is not None or contrast is not None or position is not None:
             raise ValueError("lxt: generate= explains each generated token (the model's own "
@@ -945,31 +1139,31 @@ def _explain(model, tokenizer, inputs, *, target, contrast, generate, method, st
         if kind != "causal":
             raise ValueError(f"lxt: generate= needs a causal language model; "
                              f"{type(model).__name__} does not generate.")
-        _positions(model, tokenizer, prompts, None, kind)  # context length
+        _positions(model, tokenizer, texts, None, kind)  # context length
         with _eval_mode(model), _patched(model, method, composite):
-            return _explain_generation(model, tokenizer, inputs, generate, method, steps, layers,
+            return _explain_generation(model, tokenizer, texts[0], generate, method, steps, layers,
                                        partial)
-    single = isinstance(inputs, str)
-    targets = list(target) if isinstance(target, (list, tuple)) else [target] * len(prompts)
-    if len(targets) != len(prompts):
-        raise ValueError(f"lxt: {len(targets)} targets for {len(prompts)} prompts.")
+    targets = list(target) if isinstance(target, (list, tuple)) else [target] * len(texts)
+    if len(targets) != len(texts):
+        raise ValueError(f"lxt: {len(targets)} targets for {len(texts)} prompts.")
     targets = [_output_id(model, tokenizer, t, "target", kind) for t in targets]
     contrast = _output_id(model, tokenizer, contrast, "contrast", kind)
-    positions = _positions(model, tokenizer, prompts, position, kind)
+    positions = _positions(model, tokenizer, texts, position, kind)
     out = []
-    batches = range(0, len(prompts), batch_size)
+    batches = range(0, len(texts), batch_size)
     show = progress if progress is not None else len(batches) > 1
     with _eval_mode(model), _patched(model, method, composite):  # registered once for all batches
         for start in _progress(batches, len(batches), "lxt explain", show):
             stop = start + batch_size
-            out.extend(_explain_text_batch(model, tokenizer, prompts[start:stop], targets[start:stop],
+            out.extend(_explain_text_batch(model, tokenizer, texts[start:stop], targets[start:stop],
                                            contrast, method, steps, layers, positions[start:stop],
                                            partial))
     return out[0] if single else out
 
 
-def _explain_generation(model, tokenizer, prompt, n, method, steps, layers, partial=False):
-    ids, mask = _tokenize(tokenizer, [prompt], True)
+def _explain_generation(model, tokenizer, text, n, method, steps, layers, partial=False):
+    ids, mask = _batch(tokenizer, [text.ids], True)
+    user = text.user
     limit = _context_length(model)
     if limit is not None and ids.shape[1] + n - 1 > limit:
         raise ValueError(
@@ -983,11 +1177,12 @@ def _explain_generation(model, tokenizer, prompt, n, method, steps, layers, part
             if _accepts(model, "use_cache"):
                 kwargs["use_cache"] = False
             nxt = int(model(**kwargs).logits[0, -1].argmax())
-        text = tokenizer.decode(ids[0])
-        out.append(_explain_ids(model, tokenizer, ids, mask, [text], [nxt], None, method, steps,
-                                layers, "causal", [ids.shape[1] - 1], partial)[0])
+        shown = tokenizer.decode(ids[0])
+        out.append(_explain_ids(model, tokenizer, ids, mask, [shown], [nxt], None, method, steps,
+                                layers, "causal", [ids.shape[1] - 1], partial, [user])[0])
         if tokenizer.eos_token_id is not None and nxt == tokenizer.eos_token_id:
             break
         ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
         mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], dim=1)
+        user = None if user is None else user + [False]
     return out

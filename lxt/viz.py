@@ -1,5 +1,6 @@
 """Heatmaps: terminal colours, HTML and PNG, red (positive) / blue (negative) on a symmetric
-scale."""
+scale.  The tokens of a user's chat message (``Explanation.in_user_message``) are underlined
+(terminal, HTML) or boxed (PNG); the rest of the rendered chat template is shown plain."""
 from __future__ import annotations
 
 import html
@@ -30,36 +31,49 @@ def _show_token(tok: str) -> str:
                    else c for c in tok)
 
 
+def _user(exp) -> list:
+    """Per token, whether it is in a user's chat message (all ``False`` for other inputs)."""
+    marks = getattr(exp, "in_user_message", None)
+    return list(marks) if marks is not None else [False] * len(exp.tokens)
+
+
 def terminal(exp) -> str:
-    """The tokens on 24-bit ANSI backgrounds, then the target line."""
+    """The tokens on 24-bit ANSI backgrounds (a user's chat message underlined), then the
+    target line."""
     s = _scale(exp.relevance)
     parts = []
-    for tok, r in zip(exp.tokens, exp.relevance.tolist()):
+    for tok, r, user in zip(exp.tokens, exp.relevance.tolist(), _user(exp)):
         red, green, blue = colour(r, s)
-        parts.append(f"\x1b[48;2;{red};{green};{blue}m\x1b[38;2;0;0;0m{_show_token(tok)}\x1b[0m")
+        under = "\x1b[4m" if user else ""
+        parts.append(f"\x1b[48;2;{red};{green};{blue}m\x1b[38;2;0;0;0m{under}{_show_token(tok)}\x1b[0m")
     head = f"{exp.method}: explaining {exp.target!r}"
     if exp.contrast is not None:
         head += f" vs {exp.contrast!r}"
     head += f" (value {exp.logit:+.3f})"
+    if any(_user(exp)):
+        head += "; the user's message underlined"
     top = ", ".join(f"{t!r} {v:+.3f}" for t, v in exp.top(3))
     return f"{head}\n{''.join(parts)}\nmost relevant: {top}"
 
 
 def html_fragment(exp) -> str:
-    """A ``<div>`` with one ``<span>`` per token; ``data-relevance`` holds the value."""
+    """A ``<div>`` with one ``<span>`` per token; ``data-relevance`` holds the value; the tokens
+    of a user's chat message have the class ``user`` (underlined and bold)."""
     s = _scale(exp.relevance)
     spans = []
-    for tok, r in zip(exp.tokens, exp.relevance.tolist()):
+    for tok, r, user in zip(exp.tokens, exp.relevance.tolist(), _user(exp)):
         red, green, blue = colour(r, s)
+        cls, mark = ("tok user", "; text-decoration: underline; font-weight: bold") if user else ("tok", "")
         spans.append(
-            f'<span class="tok" data-relevance="{r:.6g}" title="{r:+.4f}" '
-            f'style="background-color: rgb({red}, {green}, {blue})">{html.escape(_show_token(tok))}</span>'
+            f'<span class="{cls}" data-relevance="{r:.6g}" title="{r:+.4f}" '
+            f'style="background-color: rgb({red}, {green}, {blue}){mark}">{html.escape(_show_token(tok))}</span>'
         )
     target = html.escape(repr(exp.target))
     contrast = f" vs {html.escape(repr(exp.contrast))}" if exp.contrast is not None else ""
+    legend = "; the user's message underlined" if any(_user(exp)) else ""
     return (f'<div class="lxt-explanation" data-method="{html.escape(exp.method)}">'
             f'<div class="head">{html.escape(exp.method)} — target {target}{contrast} '
-            f'(value {exp.logit:+.3f})</div><div class="tokens">{"".join(spans)}</div></div>')
+            f'(value {exp.logit:+.3f}){legend}</div><div class="tokens">{"".join(spans)}</div></div>')
 
 
 def html_page(explanations: Sequence) -> str:
@@ -91,12 +105,14 @@ def _png_tokens(exp, path, plt):
     renderer = fig.canvas.get_renderer()
     x, y, line = 0.01, 0.80, 0.22 / max(1, (1 + len(exp.tokens) // 12))
     title = f"{exp.method}: target {exp.target!r}" + (f" vs {exp.contrast!r}" if exp.contrast is not None else "")
-    ax.text(0.01, 0.95, title + f"  (value {exp.logit:+.3f})", fontsize=10, va="top", color="#444",
-            **_LITERAL)
-    for tok, r in zip(exp.tokens, exp.relevance.tolist()):
+    legend = "; the user's message boxed" if any(_user(exp)) else ""
+    ax.text(0.01, 0.95, title + f"  (value {exp.logit:+.3f}){legend}", fontsize=10, va="top",
+            color="#444", **_LITERAL)
+    for tok, r, user in zip(exp.tokens, exp.relevance.tolist(), _user(exp)):
         rgb = tuple(c / 255 for c in colour(r, s))
+        edge = dict(edgecolor="#222", linewidth=1.0) if user else dict(edgecolor="none")
         t = ax.text(x, y, _show_token(tok), fontsize=13, family="monospace", va="top",
-                    bbox=dict(facecolor=rgb, edgecolor="none", pad=2), **_LITERAL)
+                    bbox=dict(facecolor=rgb, pad=2, **edge), **_LITERAL)
         width = t.get_window_extent(renderer=renderer).width / fig.bbox.width
         x += width + 0.004
         if x > 0.93:

@@ -365,7 +365,7 @@ def model_never_runs(llm):
     (dict(inputs=PROMPTS, batch_size="2"), TypeError, "batch_size must be an integer"),
     (dict(inputs={"the cat": 1}), TypeError, "inputs must be a prompt"),
     (dict(inputs=123), TypeError, "inputs must be a prompt"),
-    (dict(inputs=torch.tensor([[5, 6, 7]])), TypeError, "torch.int64 tensor: for text give the prompt as a string"),
+    (dict(inputs=torch.ones(1, 2, 3, dtype=torch.long)), TypeError, "torch.int64 tensor of shape"),  # 2-D ids are a batch
     (dict(inputs=torch.randn(3, 16, 16)), TypeError, "takes no pixel_values"),
     (dict(method=None), TypeError, "method must be a string"),
     (dict(tokenizer="tok"), TypeError, "tokenizer must be the model's tokenizer"),

@@ -35,7 +35,8 @@ def blocks(language):
 def stand_ins(monkeypatch, tmp_path):
     """``load_smollm2`` -> a tiny Llama with a lower-casing word tokenizer; ``train_digits_vit``
     -> a tiny ViT and a few random images; files are written in a temporary folder."""
-    tok = tiny_tokenizer(words=[*WORDS, "london", "italy"], lowercase=True)
+    # case kept (inseq checks that a generation starts with the prompt as written)
+    tok = tiny_tokenizer(words=[*WORDS, "london", "italy", "The", "France", "Italy", "Paris", "London"])
     monkeypatch.setattr(lxt_data, "load_smollm2", lambda *a, **k: (tiny_llama(), tok))
     digits = types.SimpleNamespace(test_pixel_values=torch.rand(4, 3, 16, 16),
                                    test_labels=torch.zeros(4, dtype=torch.long))
@@ -46,15 +47,19 @@ def stand_ins(monkeypatch, tmp_path):
 
 def test_readme_python_blocks_run(stand_ins, capsys):
     code = blocks("python")
-    assert len(code) == 6, "README.md python blocks changed: update this test"
+    assert len(code) == 8, "README.md python blocks changed: update this test"
     namespace = {"__name__": "readme"}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for i, block in enumerate(code):
             exec(compile(block, f"README.md python block {i + 1}", "exec"), namespace)
-            if i == 1:  # the composite example: per-token relevance of "The capital of France is"
+            if i == 1:  # inseq: one column per generated token
+                assert namespace["out"].sequence_attributions[0].target_attributions.shape[1] == 3
+            if i == 2:  # captum: the convergence delta is what biases absorbed
+                assert namespace["delta"].shape == (1,)
+            if i == 3:  # the composite example: per-token relevance of "The capital of France is"
                 assert namespace["relevance"].shape == (1, 5)
-            if i == 3:  # nn.MultiheadAttention in a hand-written model
+            if i == 5:  # nn.MultiheadAttention in a hand-written model
                 assert namespace["token_relevance"].shape == (1, 8)
                 assert "forward" not in namespace["encoder"].__dict__
     lxt_warnings = [str(w.message) for w in caught if str(w.message).startswith("lxt:")]
