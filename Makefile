@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml requirements-pinned.txt
 	touch $(STAMP)
 
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q --durations=15
 
 # compact run on the oldest supported transformers (4.57), in its own environment

@@ -282,7 +282,6 @@ def _latent_hooks(model, patterns, store, bypassed: Optional[nn.Module] = None):
     handles, keys = [], []
     if patterns:
         modules = _user_modules(model)
-        names = [n for n, _ in modules]
         inside = {id(m) for m in bypassed.modules()} if bypassed is not None else set()
         for pattern in patterns:
             matched = [m for n, m in modules if fnmatch.fnmatchcase(n, pattern)]

@@ -32,6 +32,17 @@ def stab(z, eps):
 
 
 @pytest.fixture(scope="module")
+def reference_attention():
+    """The independent reference's attention functions (tests/reference.py) registered in
+    transformers' global interfaces for a module's tests (``pytestmark =
+    pytest.mark.usefixtures("reference_attention")``), and taken out again afterwards."""
+    from reference import reference_attention_registered
+
+    with reference_attention_registered():
+        yield
+
+
+@pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny Llama and its word-level tokenizer saved as a model folder (``--model DIR``)."""
     from models import tiny_llama, tiny_tokenizer

@@ -1,6 +1,6 @@
 """Tiny random configurations of stock transformers model classes (fast unit tests)."""
 import torch
-from transformers import (BertConfig, BertForSequenceClassification, BertModel, LlamaConfig,
+from transformers import (BertConfig, BertForSequenceClassification, LlamaConfig,
                           LlamaForCausalLM, ViTConfig, ViTForImageClassification)
 
 

@@ -8,8 +8,7 @@ import torch
 import lxt
 from lxt_bench import faithfulness as fb
 from models import tiny_llama, tiny_tokenizer, tiny_vit
-from test_reference_formulation import (_reference_attention_registered, assert_relevance_close,  # noqa: F401
-                                        reference_model, reference_relevance)
+from reference import assert_relevance_close, reference_model, reference_relevance
 
 
 def test_step_masks_grow_one_unit_at_a_time():
@@ -105,7 +104,7 @@ def test_text_benchmark_structure_and_endpoints(text_result):
     json.dumps(res)  # JSON-ready
 
 
-def test_text_relevance_matches_the_reference_formulation(text_result, _reference_attention_registered):
+def test_text_relevance_matches_the_reference_formulation(text_result, reference_attention):
     """The benchmark's AttnLRP and CP-LRP relevance against the independent gradient-modification
     formulation of tests/test_reference_formulation.py (not against lxt itself)."""
     model, tok, res = text_result

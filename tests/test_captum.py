@@ -14,7 +14,7 @@ import lxt
 import lxt.composites
 from lxt.explain import registered_composite
 from models import text_batch, tiny_bert, tiny_llama, tiny_tokenizer, tiny_vit
-from test_composite import assert_restored, snapshot
+from helpers import assert_restored, snapshot
 
 captum_attr = pytest.importorskip("captum.attr")
 from lxt.captum import CPLRP, AttnLRP, LayerAttnLRP, LayerCPLRP  # noqa: E402

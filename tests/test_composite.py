@@ -19,40 +19,10 @@ import lxt.composites as composites
 import lxt.functional as lf
 from lxt import Composite, rules
 from lxt.rules import RuleModule
+from helpers import assert_restored, snapshot
 from models import text_batch, tiny_bert, tiny_llama, tiny_vit, zero_biases
 
 D = torch.float64
-
-
-def snapshot(model):
-    """Everything register may touch."""
-    return {
-        "modules": [(n, m) for n, m in model.named_modules()],
-        "forward_in_dict": "forward" in model.__dict__,
-        "requires_grad": [(n, p.requires_grad) for n, p in model.named_parameters()],
-        "state": {k: v.clone() for k, v in model.state_dict().items()},
-        "dicts": {n: sorted(m.__dict__) for n, m in model.named_modules()},
-        "hooks": {n: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
-                  for n, m in model.named_modules()},
-        "training": {n: m.training for n, m in model.named_modules()},
-    }
-
-
-def assert_restored(model, snap):
-    now = snapshot(model)
-    assert [n for n, _ in now["modules"]] == [n for n, _ in snap["modules"]]
-    for (n, a), (_, b) in zip(now["modules"], snap["modules"]):
-        assert a is b, f"module {n} is not the original object"
-    assert now["forward_in_dict"] == snap["forward_in_dict"]
-    assert now["requires_grad"] == snap["requires_grad"]
-    assert now["state"].keys() == snap["state"].keys()
-    for k in snap["state"]:
-        assert torch.equal(now["state"][k], snap["state"][k]), k
-    assert now["dicts"] == snap["dicts"], "an attribute was left on a module"
-    assert now["hooks"] == snap["hooks"]
-    assert now["training"] == snap["training"], "a module's training flag changed"
-    for m in model.modules():
-        assert not type(m).__module__.startswith("lxt"), f"lxt module left: {type(m)}"
 
 
 def run_text(model, emb, mask, **kw):

@@ -6,12 +6,12 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import MistralConfig, MistralForCausalLM
 
 import lxt
-from lxt import Composite, composites
+from lxt import composites
 from models import text_batch, tiny_llama, tiny_tokenizer
-from test_composite import assert_restored, snapshot
+from helpers import assert_restored, snapshot
 
 D = torch.float64
 

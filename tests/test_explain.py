@@ -10,7 +10,7 @@ import lxt
 from lxt import viz
 from lxt.cli import main
 from models import tiny_bert, tiny_llama, tiny_tokenizer, tiny_vit
-from test_composite import assert_restored, snapshot
+from helpers import assert_restored, snapshot
 
 PROMPTS = ["the capital of france is", "a cat sat on the mat and", "the dog ran"]
 

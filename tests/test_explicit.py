@@ -412,7 +412,7 @@ def test_removed_published_modules_say_what_to_use(module, match):
 def test_adapters_are_explicit_outside_a_composite():
     # x.grad is relevance (explicit form), also when a gradient-engine composite exists
     x = t(3, 4)
-    _ = lxt.composites  # noqa: the composites module is loaded
+    _ = lxt.composites  # the composites module is loaded
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         y, (r,) = rel(lambda x: ef.add2(x, x.detach() * 0 + 1.0), x, R=torch.ones(3, 4, dtype=D))

@@ -19,10 +19,10 @@ import transformers as tr
 import lxt
 import lxt.composites
 from models import FAMILY_CONFIGS, text_batch, tiny_family, zero_biases, zero_position_embeddings
-from test_composite import assert_restored, snapshot
-from test_reference_formulation import (_reference_attention_registered, _targets,  # noqa: F401
-                                        assert_relevance_close, lxt_relevance, reference_model,
-                                        reference_relevance)
+from helpers import assert_restored, snapshot
+from reference import _targets, assert_relevance_close, lxt_relevance, reference_model, reference_relevance
+
+pytestmark = pytest.mark.usefixtures("reference_attention")  # the reference's attention functions
 
 EPS = 1e-12
 D = torch.float64

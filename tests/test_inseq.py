@@ -10,7 +10,7 @@ import torch
 import lxt
 from lxt.explain import registered_composite
 from models import tiny_llama, tiny_tokenizer
-from test_composite import assert_restored, snapshot
+from helpers import assert_restored, snapshot
 
 inseq = pytest.importorskip("inseq")
 

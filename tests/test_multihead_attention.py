@@ -26,8 +26,8 @@ import lxt
 
 import lxt.modules as lm
 from lxt.composites import bert, native
-from test_composite import assert_restored, snapshot
-from test_reference_formulation import identity_grad, scale_grad
+from helpers import assert_restored, snapshot
+from reference import identity_grad, scale_grad
 
 D = torch.float64
 EPS = 1e-12

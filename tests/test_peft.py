@@ -7,7 +7,7 @@ import torch
 
 import lxt
 from models import tiny_llama, tiny_tokenizer
-from test_composite import assert_restored, snapshot
+from helpers import assert_restored, snapshot
 
 peft = pytest.importorskip("peft")
 

@@ -15,7 +15,6 @@ captured, so each costs a registration and a forward of a tiny model).
 """
 import math
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -24,7 +23,7 @@ from transformers import (BertConfig, BertForSequenceClassification, LlamaConfig
 
 import lxt.composites as composites
 from models import zero_biases
-from test_composite import assert_restored, snapshot
+from helpers import assert_restored, snapshot
 
 SETTINGS = dict(deadline=None, derandomize=True, database=None, print_blob=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,

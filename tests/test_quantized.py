@@ -10,7 +10,7 @@ from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 import lxt
 from lxt import composites
 from models import text_batch, tiny_tokenizer
-from test_composite import assert_restored, snapshot
+from helpers import assert_restored, snapshot
 
 bnb = pytest.importorskip("bitsandbytes")
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

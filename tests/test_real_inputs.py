@@ -15,7 +15,6 @@ import lxt.functional as lf
 import lxt.modules as lm
 from lxt import Composite, composites, rules
 from models import text_batch, tiny_llama, zero_biases
-from test_composite import assert_restored, snapshot
 
 D = torch.float64
 

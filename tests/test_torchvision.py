@@ -18,7 +18,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 torchvision = pytest.importorskip("torchvision")
 from torchvision.models.vision_transformer import VisionTransformer  # noqa: E402
@@ -26,8 +25,8 @@ from torchvision.models.vision_transformer import VisionTransformer  # noqa: E40
 import lxt  # noqa: E402
 
 from lxt.composites import torchvision_vit as tv  # noqa: E402
-from test_composite import assert_restored, snapshot
-from test_reference_formulation import identity_grad, scale_grad  # noqa: E402
+from helpers import assert_restored, snapshot
+from reference import identity_grad, scale_grad  # noqa: E402
 
 D = torch.float64
 EPS = 1e-12

@@ -7,7 +7,6 @@ pooler's tanh, AttnLRP (or CP-LRP) attention with padding masks.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 

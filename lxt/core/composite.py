@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import inspect
 import warnings
 from typing import Any, Callable, Iterable, Mapping, Optional
 
@@ -24,7 +23,7 @@ import torch
 from torch import nn
 
 from ..rules.base import EPSILON, Rule
-from .dispatch import (CHOSEN_PLAIN, OWN_BACKWARD, PLAIN_OK, Dispatcher, OpRecord, PatchedForward,
+from .dispatch import (CHOSEN_PLAIN, PLAIN_OK, Dispatcher, OpRecord, PatchedForward,
                        describe_ops, op_name, unsafe_ops)
 from .opaque import LxtModule
 from .quantized import keep_cpu_layout

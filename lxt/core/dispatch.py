@@ -19,7 +19,6 @@ from __future__ import annotations
 import operator
 import re
 import threading
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -28,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from ..rules.base import ENGINE, gradient_to_relevance, relevance_to_gradient
+from ..rules.base import gradient_to_relevance, relevance_to_gradient
+from .engine import ENGINE
 
 #: ops whose plain gradient already is the LRP relevance (pure data movement or
 #: relevance-neutral for the rules used here)
@@ -434,8 +434,7 @@ class Dispatcher:
     def _enter(self) -> None:
         st = self.state
         if st.depth == 0:
-            st.engine = (ENGINE.gradient, ENGINE.epsilon)
-            ENGINE.gradient, ENGINE.epsilon = self.gradient, self.epsilon
+            st.engine = ENGINE.set(self.gradient, self.epsilon)
             if self.trace:
                 # torch.compile'd code inside the model runs its Python eagerly, under the rules
                 st.stance = torch.compiler.set_stance("force_eager")
@@ -453,7 +452,7 @@ class Dispatcher:
             if st.stance is not None:
                 stance, st.stance = st.stance, None
                 stance.__exit__(None, None, None)
-            ENGINE.gradient, ENGINE.epsilon = st.engine
+            ENGINE.restore(st.engine)
 
     def _enter_module(self, info: ModuleInfo) -> None:
         st = self.state

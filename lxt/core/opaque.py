@@ -12,7 +12,17 @@ import itertools
 import weakref
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+from .engine import ENGINE
+
+_LAZY_CLONE = getattr(torch, "_lazy_clone", None)
+
+
+def snapshot(t: Tensor) -> Tensor:
+    """``t`` as a copy-on-write clone: no copy is made unless one of the two is written to
+    (torch's lazy clone; where a torch build lacks it, ``t`` itself)."""
+    return _LAZY_CLONE(t) if _LAZY_CLONE is not None else t
 
 _MODULES: "weakref.WeakValueDictionary[int, LxtModule]" = weakref.WeakValueDictionary()
 _KEYS = itertools.count(1)
@@ -105,14 +115,11 @@ class LxtModule(nn.Module):
         engine = self.__dict__.get("_lxt_engine")  # (gradient, epsilon)
         if engine is None:
             return self.lrp_forward(*args, **kwargs)
-        from ..rules.base import ENGINE
-
-        previous = ENGINE.gradient, ENGINE.epsilon
-        ENGINE.gradient, ENGINE.epsilon = engine
+        previous = ENGINE.set(*engine)
         try:
             return self.lrp_forward(*args, **kwargs)
         finally:
-            ENGINE.gradient, ENGINE.epsilon = previous
+            ENGINE.restore(previous)
 
     def lrp_forward(self, *args, **kwargs):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -130,9 +137,7 @@ class _Tap(torch.autograd.Function):
     def forward(ctx, key, t):
         ctx.key = key
         ctx.save_for_backward(t)
-        from ..rules.base import _snapshot
-
-        return _snapshot(t.detach())  # not a view: later code may change it in place
+        return snapshot(t.detach())  # not a view: later code may change it in place
 
     @staticmethod
     def backward(ctx, grad):

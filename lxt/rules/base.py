@@ -13,24 +13,20 @@ The same rule also has a *gradient form* (:meth:`Rule.gradient_at`), used by com
 epsilon rule *is* the plain gradient (nothing to wrap, nothing extra kept for backward) and
 most other rules only rescale or detach; rules without a gradient form run explicitly between
 two boundary conversions (:func:`relevance_to_gradient`, :func:`gradient_to_relevance`).
-Which form a rule call takes is decided by :data:`ENGINE`, set by the composite around the
-calls it rewrote (:func:`bind_engine`); outside a composite every rule is explicit.
+Which form a rule call takes is decided by :data:`lxt.core.engine.ENGINE`, set by the
+composite around the calls it rewrote (:func:`bind_engine`); outside a composite every rule
+is explicit.
 """
 from __future__ import annotations
 
-import operator
 import threading
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from ..core.opaque import LxtModule
-
-#: Default stabiliser of the epsilon family (linear, add, matmul, mean, layer norm, attention).
-#: Small enough to leave float32 relevance unchanged to round-off, large enough to keep
-#: ``R / z`` finite where an output is exactly zero.
-EPSILON = 1e-6
+from ..core.engine import ENGINE, EPSILON
+from ..core.opaque import LxtModule, snapshot as _snapshot
 
 
 def stabilize(z: Tensor, epsilon: float = EPSILON) -> Tensor:
@@ -68,18 +64,6 @@ class _Recorder(threading.local):
 RECORDER = _Recorder()
 
 
-class _Engine(threading.local):
-    """Which form rule calls take on this thread: explicit (default) or gradient, and the
-    stabiliser of the gradient form's divisions."""
-
-    gradient = False
-    epsilon = EPSILON
-
-
-#: Thread-local engine switch, set only around calls a composite rewrote (see :func:`bind_engine`).
-ENGINE = _Engine()
-
-
 def bind_engine(fn: Callable, gradient: bool, epsilon: float = EPSILON) -> Callable:
     """``fn`` running its rule calls in the gradient form (``gradient=True``, divisions
     stabilised with ``epsilon``) or explicitly.
@@ -89,12 +73,11 @@ def bind_engine(fn: Callable, gradient: bool, epsilon: float = EPSILON) -> Calla
     """
 
     def bound(*args, **kwargs):
-        previous = ENGINE.gradient, ENGINE.epsilon
-        ENGINE.gradient, ENGINE.epsilon = gradient, epsilon
+        previous = ENGINE.set(gradient, epsilon)
         try:
             return fn(*args, **kwargs)
         finally:
-            ENGINE.gradient, ENGINE.epsilon = previous
+            ENGINE.restore(previous)
 
     bound.__name__ = getattr(fn, "__name__", "bound")
     bound.__qualname__ = getattr(fn, "__qualname__", bound.__name__)
@@ -256,15 +239,6 @@ def _name_of(fn: Any) -> str:
     if isinstance(fn, torch.nn.Module):
         return type(fn).__name__
     return getattr(fn, "__name__", None) or getattr(fn, "__qualname__", None) or repr(fn)
-
-
-def _snapshot(t: Tensor) -> Tensor:
-    """``t`` as a copy-on-write clone: no copy is made unless one of the two is written to
-    (torch's lazy clone; where a torch build lacks it, ``t`` itself)."""
-    return _LAZY_CLONE(t) if _LAZY_CLONE is not None else t
-
-
-_LAZY_CLONE = getattr(torch, "_lazy_clone", None)
 
 
 class _RuleFunction(torch.autograd.Function):
