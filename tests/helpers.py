@@ -1,4 +1,6 @@
 """Assertions the tests share: what registering a model may touch, and that it all came back."""
+import contextlib
+
 import torch
 
 
@@ -31,3 +33,18 @@ def assert_restored(model, snap):
     assert now["training"] == snap["training"], "a module's training flag changed"
     for m in model.modules():
         assert not type(m).__module__.startswith("lxt"), f"lxt module left: {type(m)}"
+
+
+@contextlib.contextmanager
+def forward_refused(model):
+    """Inside the block any forward of ``model`` fails the test: arguments must be checked
+    before the model runs."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model ran before the arguments were checked")
+
+    handle = model.register_forward_pre_hook(refuse)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -11,6 +11,7 @@ from transformers import BertForMaskedLM, pipeline
 
 import lxt
 from lxt.cli import main
+from helpers import forward_refused
 from models import WORDS, tiny_bert, tiny_llama, tiny_tokenizer
 
 PROMPT = "the capital of france is"
@@ -190,13 +191,8 @@ def test_token_ids_give_the_explanation_of_their_text(llm):
 @pytest.fixture
 def never_runs(llm):
     model, tok = llm
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model ran before the arguments were checked")
-
-    handle = model.register_forward_pre_hook(refuse)
-    yield model, tok
-    handle.remove()
+    with forward_refused(model):
+        yield model, tok
 
 
 RAISES = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"

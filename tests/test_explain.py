@@ -10,7 +10,7 @@ import lxt
 from lxt import viz
 from lxt.cli import main
 from models import tiny_bert, tiny_llama, tiny_tokenizer, tiny_vit
-from helpers import assert_restored, snapshot
+from helpers import assert_restored, forward_refused, snapshot
 
 PROMPTS = ["the capital of france is", "a cat sat on the mat and", "the dog ran"]
 
@@ -347,13 +347,8 @@ def test_layers_as_one_pattern_string(llm):
 def model_never_runs(llm):
     """The tiny LLM with a hook that fails if the model computes anything."""
     model, tok = llm
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model ran before the arguments were checked")
-
-    handle = model.register_forward_pre_hook(refuse)
-    yield model, tok
-    handle.remove()
+    with forward_refused(model):
+        yield model, tok
 
 
 @pytest.mark.parametrize("kwargs,error,match", [

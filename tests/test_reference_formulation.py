@@ -1,28 +1,10 @@
-"""An independent formulation agrees with the Composite.
-
-AttnLRP and CP-LRP (with epsilon -> 0) can be written as *gradient modifications*: with the
-modified gradient ``g``, the relevance of a tensor ``x`` is ``x * g``.  The reference below is
-written without lxt, on a ``copy.deepcopy`` of the stock HuggingFace model:
-
-- identity rule on an elementwise activation ``y = f(x)``: gradient ``f(x) / x``;
-- uniform rule on a product of two variables ``a * b``: both factors' gradients halved;
-- attention (AttnLRP): q and k gradients divided by 4, v by 2, softmax unchanged (two
-  matmuls, each uniform + epsilon, and the DTD softmax rule, which *is* the gradient);
-  CP-LRP: q and k detached, v unscaled;
-- RMSNorm / LayerNorm: the standard deviation detached (identity on ``1/std``);
-- CP-LRP gated MLP: the gate branch detached;
-- everything else (linear layers and biases, residual adds, rotary embedding, embedding sums,
-  reshapes) keeps its plain gradient: the epsilon rule with epsilon -> 0 is input * gradient.
-
-The Composite's relevance (``inputs_embeds.grad`` / ``pixel_values.grad``, explicit LRP,
-started with R = the explained logit) must match ``inputs * reference_grad`` (started with
-gradient 1) per token / pixel: tiny float64 configs (Llama with GQA, padding, sdpa and eager;
-BERT; ViT) to 1e-6 relative with epsilon = 1e-12, and on the real SmolLM2-135M weights
-(float32, slow) with a Pearson correlation >= 0.99 per prompt; bfloat16 SmolLM2 correlates
->= 0.95 with float32.
-
-The reference formulation itself is tests/reference.py; its attention functions are registered
-in transformers' global interfaces while this module's tests run (fixture ``reference_attention``).
+"""The independent formulation (tests/reference.py: AttnLRP and CP-LRP with epsilon -> 0 written
+as gradient modifications of a deep copy of the stock model, without lxt) agrees with the
+Composite: tiny float64 configs (Llama with GQA, padding, sdpa and eager; BERT; ViT) to 1e-6
+relative with epsilon = 1e-12, and the real SmolLM2-135M weights (float32, slow) with a Pearson
+correlation >= 0.99 per prompt; bfloat16 SmolLM2 correlates >= 0.95 with float32.  The
+reference's attention functions are registered while this module's tests run (fixture
+``reference_attention``).
 """
 from __future__ import annotations
 
