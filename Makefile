@@ -44,7 +44,7 @@ $(VISION)/.lxt-installed: pyproject.toml requirements-vision.txt
 	touch $@
 
 test-vision: $(VISION)/.lxt-installed
-	$(VISION)/bin/python -m pytest -q tests/test_torchvision.py tests/test_multihead_attention.py
+	$(VISION)/bin/python -m pytest -q tests/test_torchvision.py tests/test_multihead_attention.py tests/test_tables.py
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

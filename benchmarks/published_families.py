@@ -242,7 +242,7 @@ def ours(family, folder, ids, attn, engines) -> dict:
     rows = {"input_x_grad": {"target": target, "logit": logit, "relevance": (x * x.grad).sum(-1)[0].tolist()}}
     # a model_type without a table: older lxt raises, newer lxt falls back to its structural
     # table (with a warning); that one is compared too, and labelled
-    table = model.config.model_type if model.config.model_type in lxt.composites.REGISTRY else "structural"
+    table = model.config.model_type if model.config.model_type in lxt.composites.FAMILIES else "structural"
     for method, factory in (("attnlrp", lxt.composites.attnlrp), ("cp-lrp", lxt.composites.cp_lrp)):
         for engine in engines:
             key = method if engine == "gradient" else f"{method}/{engine}"

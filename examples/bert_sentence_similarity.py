@@ -28,7 +28,6 @@ import time
 import torch
 
 import lxt
-import lxt.composites.bert
 import lxt.functional as lf
 import lxt.viz
 from lxt_data import load_minilm
@@ -71,10 +70,10 @@ def explain_pair(comp, s1, s2, method):
 
 
 html_parts = []
-for method, make in (("attnlrp", lxt.composites.bert.attnlrp), ("cp-lrp", lxt.composites.bert.cp_lrp)):
+for method, make in (("attnlrp", lxt.composites.attnlrp), ("cp-lrp", lxt.composites.cp_lrp)):
     t = time.perf_counter()
-    comp = make()
-    with comp.context(model):   # patch once (one TorchDynamo capture), explain every pair
+    comp = make(model)
+    with comp.context(model):   # patch once, explain every pair
         results = [explain_pair(comp, s1, s2, method) for s1, s2 in PAIRS]
     print(f"\n=== {method} ({time.perf_counter() - t:.1f}s)")
     for sim, (e1, e2) in results:

@@ -318,7 +318,7 @@ def _latent_hooks(model, patterns, store, bypassed: Optional[nn.Module] = None):
 def _user_modules(model: nn.Module) -> list:
     """``(name, module)`` of the model's submodules as the user has them: an lxt module stands
     where the module it replaces was (same name); what is inside it is lxt's own."""
-    from .core.opaque import LxtModule
+    from .rules.base import LxtModule
 
     out, seen = [], set()
 

@@ -23,8 +23,6 @@ from torch import Tensor
 
 from .rules.base import EPSILON
 from .rules.rules import (
-    AttnLRPAttentionRule,
-    CPLRPAttentionRule,
     EpsilonRule,
     GammaRule,
     IdentityRule,
@@ -32,6 +30,8 @@ from .rules.rules import (
     UniformEpsilonRule,
     UniformRule,
     _GammaLayer,
+    scaled_dot_product_attention,  # defined beside their rules
+    scaled_dot_product_attention_cp,
 )
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "linear_gamma",
     "add2",
     "softmax",
+    "detached_softmax",
     "mul2",
     "index_add",
     "div",
@@ -172,6 +173,13 @@ def softmax(input: Tensor, dim: Optional[int] = None, _stacklevel: int = 3,
         raise ValueError("lxt.softmax needs an explicit dim (as torch.softmax recommends).")
     kwargs = {"dim": dim} if dtype is None else {"dim": dim, "dtype": dtype}
     return SoftmaxDTRule(dim).apply_at(F.softmax, (input,), kwargs, [0])
+
+
+def detached_softmax(input: Tensor, dim: Optional[int] = None, _stacklevel: int = 3,
+                     dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``F.softmax`` for CP-LRP (Ali et al., 2022): the attention weights are constants, so
+    no relevance reaches the scores (and through them q and k)."""
+    return F.softmax(input, dim=dim, dtype=dtype).detach()
 
 
 def _rms_norm_llama(hidden_states: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
@@ -342,76 +350,6 @@ def relu(input: Tensor, inplace: bool = False) -> Tensor:
 def sigmoid(input: Tensor) -> Tensor:
     """``torch.sigmoid`` with the identity rule (AttnLRP Eq. 9)."""
     return identity(torch.sigmoid, input)
-
-
-def _is_causal_mask(mask: Tensor, query: Tensor, key: Tensor) -> bool:
-    """Whether a boolean ``attn_mask`` is exactly the causal mask of ``query`` x ``key`` (every
-    batch and head).  Checked on every call (nothing is kept: a tensor's address says nothing
-    about its values); a mask with padding fails on its last row, in O(n)."""
-    n = query.shape[-2]
-    if mask.dtype != torch.bool or key.shape[-2] != n or mask.shape[-2:] != (n, n):
-        return False
-    if not bool(mask[..., -1, :].all()):  # padding masks out keys in the last row too
-        return False
-    causal = torch.ones(n, n, dtype=torch.bool, device=mask.device).tril_()
-    return bool(torch.equal(mask, causal.expand_as(mask)))
-
-
-def _sdpa_kwargs(attn_mask, dropout_p, is_causal, scale, enable_gqa, query, key) -> dict:
-    if attn_mask is not None and not is_causal and _is_causal_mask(attn_mask, query, key):
-        # the same attention through torch's fused causal kernel: no n x n mask kept for backward
-        attn_mask, is_causal = None, True
-    kw = {"attn_mask": attn_mask, "dropout_p": dropout_p, "is_causal": is_causal, "scale": scale}
-    if enable_gqa:
-        kw["enable_gqa"] = True
-    return kw
-
-
-def _check_qkv(name, query, key, value):
-    for t, n in ((query, "query"), (key, "key"), (value, "value")):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"lxt.{name}: {n} must be a tensor, got {type(t).__name__}.")
-    if not (query.dim() == key.dim() == value.dim()) or query.dim() < 2:
-        raise ValueError(
-            f"lxt.{name}: query, key and value need the same number (>= 2) of dimensions, got "
-            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}."
-        )
-    if query.shape[-1] != key.shape[-1] or key.shape[-2] != value.shape[-2]:
-        raise ValueError(
-            f"lxt.{name}: incompatible shapes query {tuple(query.shape)}, key "
-            f"{tuple(key.shape)}, value {tuple(value.shape)} (need query[-1] == key[-1] and "
-            "key[-2] == value[-2])."
-        )
-
-
-def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
-                                 attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
-                                 is_causal: bool = False, scale: Optional[float] = None,
-                                 enable_gqa: bool = False, *,
-                                 epsilon: float = EPSILON) -> Tensor:
-    r"""``F.scaled_dot_product_attention`` with the AttnLRP rule (matmul, Prop. 3.3 ->
-    softmax, Prop. 3.1 -> matmul, Prop. 3.3), fused: with ``g = R / stab(2 o)``,
-    ``R_v = v * do/dv(g)``, ``R_q = q * do/dq(g) / 2``, ``R_k = k * do/dk(g) / 2``.  No
-    ``n x n`` matrix beyond what torch's own attention backward uses.  Supports causal,
-    boolean and float masks, ``scale``, grouped-query attention (``enable_gqa``) and batches.
-    """
-    _check_qkv("scaled_dot_product_attention", query, key, value)
-    return AttnLRPAttentionRule(epsilon).apply_at(
-        F.scaled_dot_product_attention, (query, key, value),
-        _sdpa_kwargs(attn_mask, dropout_p, is_causal, scale, enable_gqa, query, key), [0, 1, 2])
-
-
-def scaled_dot_product_attention_cp(query: Tensor, key: Tensor, value: Tensor,
-                                    attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
-                                    is_causal: bool = False, scale: Optional[float] = None,
-                                    enable_gqa: bool = False, *,
-                                    epsilon: float = EPSILON) -> Tensor:
-    r"""``F.scaled_dot_product_attention`` with the CP-LRP rule (Ali et al., 2022): attention
-    weights are constants, ``R_v = v * do/dv(R / stab(o))``; ``q`` and ``k`` get none."""
-    _check_qkv("scaled_dot_product_attention_cp", query, key, value)
-    return CPLRPAttentionRule(epsilon).apply_at(  # the rule detaches query and key
-        F.scaled_dot_product_attention, (query, key, value),
-        _sdpa_kwargs(attn_mask, dropout_p, is_causal, scale, enable_gqa, query, key), [0, 1, 2])
 
 
 sdpa = scaled_dot_product_attention

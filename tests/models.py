@@ -74,6 +74,7 @@ _DECODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_a
                 bos_token_id=1, eos_token_id=2, pad_token_id=0)
 FAMILY_CONFIGS = {
     "qwen3": dict(_DECODER),
+    "smollm3": dict(_DECODER, no_rope_layer_interval=2),
     "qwen3_moe": dict(_DECODER, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
                       norm_topk_prob=True),
     "mixtral": dict(_DECODER, num_local_experts=4, num_experts_per_tok=2),

@@ -154,7 +154,7 @@ def test_tuple_inputs_give_a_tuple_against_the_closed_form(engine):
     torch.manual_seed(0)
     model = TwoInputs().double()
     a, b = torch.randn(2, 4, dtype=torch.double), torch.randn(2, 5, dtype=torch.double)
-    comp = lxt.composites.structural.attnlrp(model, epsilon=1e-12, engine=engine)
+    comp = lxt.composites.attnlrp(model, family="structural", epsilon=1e-12, engine=engine)
     (ra, rb), delta = AttnLRP(model, composite=comp).attribute((a, b), target=[0, 2],
                                                                 return_convergence_delta=True)
     t = torch.tensor([0, 2])

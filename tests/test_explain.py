@@ -264,7 +264,7 @@ BASELINES = ["gradient", "input_x_gradient", "integrated_gradients"]
 def test_baselines_inside_a_registration_are_computed_on_the_plain_model(llm, engine):
     model, tok = llm
     plain = {m: lxt.explain(model, tok, PROMPTS[0], method=m, steps=2).relevance for m in BASELINES}
-    comp = lxt.Composite(lxt.composites.llama.layer_map(), engine=engine, method="attnlrp")
+    comp = lxt.Composite(lxt.composites.layer_map("llama"), engine=engine, method="attnlrp")
     snap = snapshot(model)
     with comp.context(model):
         lrp = lxt.explain(model, tok, PROMPTS[0]).relevance  # uses the registration

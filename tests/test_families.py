@@ -30,6 +30,7 @@ D = torch.float64
 #: model_type -> (stock class, attention implementations to check, how to feed it)
 FAMILIES = {
     "qwen3": (tr.Qwen3ForCausalLM, ("sdpa",), "text"),
+    "smollm3": (tr.SmolLM3ForCausalLM, ("sdpa",), "text"),
     "qwen3_moe": (tr.Qwen3MoeForCausalLM, ("sdpa",), "text"),
     "mixtral": (tr.MixtralForCausalLM, ("sdpa",), "text"),
     "phi3": (tr.Phi3ForCausalLM, ("sdpa",), "text"),
@@ -201,7 +202,7 @@ def _structural_model(model_type, cp):
 @pytest.mark.parametrize("model_type,method", [("olmo2", "attnlrp"), ("olmo2", "cp_lrp"),
                                                ("granite", "attnlrp"), ("starcoder2", "cp_lrp")])
 def test_structural_fallback_explains_families_no_table_names(model_type, method):
-    assert model_type not in lxt.composites.REGISTRY
+    assert model_type not in lxt.composites.FAMILIES
     model = _structural_model(model_type, method == "cp_lrp")
     ids, mask = text_batch()
     inputs = {"inputs_embeds": model.get_input_embeddings()(ids).detach(), "attention_mask": mask}

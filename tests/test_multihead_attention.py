@@ -25,7 +25,7 @@ from torch import nn
 import lxt
 
 import lxt.modules as lm
-from lxt.composites import bert, native
+from lxt.composites import layer_map
 from helpers import assert_restored, snapshot
 from reference import identity_grad, scale_grad
 
@@ -330,8 +330,8 @@ def ref_sdpa_encoder(m, x, cp):
 
 
 def table(cp, epsilon=None):
-    """The BERT-like table plus the nn.MultiheadAttention entry (as another table would use it)."""
-    return {**native.attention_entries(cp, epsilon), **bert.layer_map(cp, epsilon=epsilon)}
+    """The BERT table (its base map holds the nn.MultiheadAttention entry)."""
+    return layer_map("bert", "cp_lrp" if cp else "attnlrp", epsilon)
 
 
 def composite(cp, engine, epsilon=EPS):

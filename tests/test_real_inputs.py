@@ -147,7 +147,7 @@ def test_cp_lrp_attention_rule_detaches_queries_and_keys_wherever_it_is_used():
     torch.testing.assert_close(v.grad, v2.grad, rtol=0, atol=0)
     # as a table entry, in a model: the same as the shipped CP-LRP table
     model = tiny_llama("sdpa", D)
-    table = dict(composites.llama.layer_map(cp=True, epsilon=1e-12))
+    table = dict(composites.layer_map("llama", "cp_lrp", 1e-12))
     table[F.scaled_dot_product_attention] = rules.CPLRPAttentionRule(epsilon=1e-12)
     ids, mask = text_batch()
     rels = []

@@ -43,7 +43,7 @@ def test_minilm_similarity_relevance():
     a = tok(["A man is playing a guitar."], return_tensors="pt")
     b = tok(["Someone plays an acoustic guitar."], return_tensors="pt")
     emb = model.get_input_embeddings()
-    with lxt.composites.bert.attnlrp().context(model):
+    with lxt.composites.attnlrp(family="bert").context(model):
         xa = emb(a.input_ids).detach().requires_grad_()
         xb = emb(b.input_ids).detach().requires_grad_()
         ha = model(inputs_embeds=xa, attention_mask=a.attention_mask).last_hidden_state

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import LlamaForSequenceClassification
 
 import lxt.composites
-from lxt.composites import vit as lxt_vit
+import lxt.composites as tables
 
 from models import text_batch, tiny_bert, tiny_llama, tiny_vit
 from reference import (_targets, assert_relevance_close, check_against_reference, lxt_relevance,
@@ -164,8 +164,8 @@ def test_bert_matches_reference(attn, rule):
 
 VIT_COMPOSITES = {
     f"{name}-{engine}": (lambda model, epsilon, f=factory, engine=engine: f(
-        conv_gamma=0.0, mlp_gamma=0.0, epsilon=epsilon, engine=engine), cp)
-    for name, factory, cp in (("attnlrp", lxt_vit.attnlrp, False), ("cplrp", lxt_vit.cp_lrp, True))
+        family="vit", conv_gamma=0.0, mlp_gamma=0.0, epsilon=epsilon, engine=engine), cp)
+    for name, factory, cp in (("attnlrp", tables.attnlrp, False), ("cplrp", tables.cp_lrp, True))
     for engine in ("gradient", "explicit")
 }
 
@@ -232,7 +232,7 @@ def test_vit_default_table_uses_its_gammas(engine):
     inputs = {"pixel_values": torch.randn(2, 3, 16, 16, generator=g, dtype=torch.float64)}
     with torch.no_grad():
         targets = model(**inputs).logits.argmax(-1)
-    comp = lxt_vit.attnlrp(engine="explicit", epsilon=1e-12) if engine == "explicit" else lxt_vit.attnlrp()
+    comp = tables.attnlrp(family="vit", engine="explicit", epsilon=1e-12) if engine == "explicit" else tables.attnlrp(family="vit")
     with comp.context(model):
         rel, _ = lxt_relevance(comp, model, targets, **dict(inputs))
     expected = {}

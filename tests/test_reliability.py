@@ -77,7 +77,7 @@ def assert_nothing_of_lxt(model):
     """No lxt object left on the model; no tap left in lxt's tables."""
     gc.collect()
     for name, m in model.named_modules():
-        assert not isinstance(m, opaque.LxtModule), name
+        assert not isinstance(m, lxt.rules.base.LxtModule), name
         assert "lxt_composite" not in vars(getattr(m, "forward", None) or (lambda: None)), name
         assert not any("lxt" in k for k in vars(m)), name
     ours = {id(m) for m in model.modules()}

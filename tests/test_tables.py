@@ -28,6 +28,7 @@ MODELS = {
     "mistral": (tr.MistralForCausalLM, "text", ("sdpa",)),
     "qwen2": (tr.Qwen2ForCausalLM, "text", ("sdpa",)),
     "qwen3": (tr.Qwen3ForCausalLM, "text", ("sdpa", "eager")),
+    "smollm3": (tr.SmolLM3ForCausalLM, "text", ("sdpa",)),
     "qwen3_moe": (tr.Qwen3MoeForCausalLM, "text", ("sdpa",)),
     "mixtral": (tr.MixtralForCausalLM, "text", ("sdpa",)),
     "phi3": (tr.Phi3ForCausalLM, "text", ("sdpa",)),

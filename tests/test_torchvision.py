@@ -1,5 +1,5 @@
 """torchvision's ``VisionTransformer`` (built from its class, random weights) with the
-AttnLRP and CP-LRP tables of :mod:`lxt.composites.torchvision_vit`, both engines.
+AttnLRP and CP-LRP tables of :mod:`lxt.composites` (row ``torchvision-vit``), both engines.
 
 - forward unchanged while registered, exact restore after leaving the context;
 - relevance equal to an independent float64 gradient formulation written here without lxt
@@ -13,6 +13,7 @@ AttnLRP and CP-LRP tables of :mod:`lxt.composites.torchvision_vit`, both engines
 
 Needs torchvision (``make test-vision``); skipped in the main environment.
 """
+import functools
 import math
 
 import pytest
@@ -24,14 +25,16 @@ from torchvision.models.vision_transformer import VisionTransformer  # noqa: E40
 
 import lxt  # noqa: E402
 
-from lxt.composites import torchvision_vit as tv  # noqa: E402
+import lxt.composites as tables  # noqa: E402
 from helpers import assert_restored, snapshot
 from reference import identity_grad, scale_grad  # noqa: E402
 
 D = torch.float64
 EPS = 1e-12
 ENGINES = ["gradient", "explicit"]
-TABLES = {"attnlrp": (tv.attnlrp, False), "cplrp": (tv.cp_lrp, True)}
+TV = "torchvision-vit"
+TABLES = {"attnlrp": (functools.partial(tables.attnlrp, family=TV), False),
+          "cplrp": (functools.partial(tables.cp_lrp, family=TV), True)}
 
 
 def tiny_vit(dtype=D, seed=0):
@@ -181,9 +184,9 @@ def test_default_gammas_match_the_gamma_reference(engine):
     x = torch.randn(2, 3, 32, 32, dtype=D, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         targets = model(x).argmax(-1)
-    comp = tv.attnlrp(engine=engine, epsilon=EPS if engine == "explicit" else None)
+    comp = tables.attnlrp(family=TV, engine=engine, epsilon=EPS if engine == "explicit" else None)
     rel, _ = lxt_relevance(model, comp, x, targets)
-    expected, _ = reference_relevance(model, x, targets, False, conv_gamma=tv.CONV_GAMMA, mlp_gamma=tv.MLP_GAMMA)
+    expected, _ = reference_relevance(model, x, targets, False, conv_gamma=tables.CONV_GAMMA, mlp_gamma=tables.MLP_GAMMA)
     plain, _ = reference_relevance(model, x, targets, False)
     tol = 1e-7 if engine == "explicit" else 1e-4  # gradient engine: default epsilon 1e-6
     err = assert_relevance_close(rel, expected, rtol=tol)
@@ -204,7 +207,7 @@ def test_cp_lrp_conserves_without_biases(engine):
     x = torch.randn(2, 3, 32, 32, dtype=D, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         targets = model(x).argmax(-1)
-    rel, out = lxt_relevance(model, tv.cp_lrp(epsilon=EPS, engine=engine), x, targets)
+    rel, out = lxt_relevance(model, tables.cp_lrp(family=TV, epsilon=EPS, engine=engine), x, targets)
     logits = out[torch.arange(2), targets]
     for i in range(2):
         assert math.isclose(rel[i].sum().item(), logits[i].item(), rel_tol=1e-9), (rel[i].sum(), logits[i])
@@ -215,7 +218,7 @@ def test_explain_on_the_torchvision_module(method):
     """lxt.explain takes the plain module (model(image) -> logits) with the table's composite."""
     model = tiny_vit(torch.float32)
     image = torch.randn(3, 32, 32)
-    comp = tv.attnlrp() if method == "attnlrp" else tv.cp_lrp()
+    comp = tables.attnlrp(family=TV) if method == "attnlrp" else tables.cp_lrp(family=TV)
     exp = lxt.explain(model, inputs=image, method=method, composite=comp)
     with torch.no_grad():
         logits = model(image[None])
@@ -242,7 +245,7 @@ def test_vit_b_16_full_size():
     with torch.no_grad():
         stock = model(x)
     target = stock.argmax(-1)
-    rel, out = lxt_relevance(model, tv.attnlrp(strict=True), x, target)
+    rel, out = lxt_relevance(model, tables.attnlrp(family=TV, strict=True), x, target)
     torch.testing.assert_close(out, stock, rtol=1e-4, atol=1e-4)
     assert rel.shape == (1, 224, 224) and torch.isfinite(rel).all() and rel.abs().sum() > 0
     print(f"vit_b_16: max|fwd diff| {(out - stock).abs().max().item():.1e}, "

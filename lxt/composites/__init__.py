@@ -1,77 +1,75 @@
-"""Per-architecture composites (AttnLRP and CP-LRP each), and a structural fallback.
+"""The AttnLRP and CP-LRP composites of every architecture lxt knows, from one data table.
 
->>> from lxt.composites import llama
->>> comp = llama.attnlrp()
->>> comp = lxt.composites.attnlrp(model)     # picks the table from model.config.model_type
+>>> comp = lxt.composites.attnlrp(model)              # the table of model.config.model_type
+>>> comp = lxt.composites.cp_lrp(family="llama", epsilon=1e-6, engine="explicit")
+>>> table = lxt.composites.layer_map("bert", "attnlrp")  # the dict itself, to edit
 
-``lxt.composites.attnlrp(model)`` on a model whose ``model_type`` no table names builds the
-structural table from what the model holds (:mod:`lxt.composites.structural`), with a one-line
-notice; that composite is strict: its first forward refuses operations it cannot cover.
+The rows are :data:`FAMILIES` (:mod:`lxt.composites.table`, which says why each rule
+conserves).  A model whose ``model_type`` no row names gets the structural table, read off the
+modules it holds (:mod:`lxt.composites.structural`), with a one-line notice; that composite is
+strict: its first forward refuses operations it cannot cover.
 """
 from __future__ import annotations
 
+import sys
 import warnings
 
-from . import bert, gpt2, llama, structural, vit
+from ..core.composite import Composite
+from .table import CONV_GAMMA, FAMILIES, MLP_GAMMA, Family, layer_map
 
-#: model_type -> table module
-REGISTRY = {
-    **{model_type: llama for model_type in llama.FAMILIES},
-    "gpt2": gpt2,
-    "bert": bert,
-    "roberta": bert,
-    "distilbert": bert,
-    "vit": vit,
-    "deit": vit,
-}
+__all__ = ["attnlrp", "cp_lrp", "layer_map", "family_of", "FAMILIES", "Family", "CONV_GAMMA", "MLP_GAMMA"]
+
+_LABELS = {"attnlrp": ("AttnLRP", "attnlrp"), "cp_lrp": ("CP-LRP", "cp-lrp")}
 
 
-def model_type_of(model):
-    return getattr(getattr(model, "config", None), "model_type", None)
-
-
-def _torchvision_vit(model) -> bool:
-    import sys
-
+def family_of(model) -> tuple:
+    """``(row key, model_type)``: the row of :data:`FAMILIES` that explains ``model``
+    (``"structural"`` where none names it)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
     tv = sys.modules.get("torchvision.models.vision_transformer")  # imported if model is one
-    return tv is not None and isinstance(model, tv.VisionTransformer)
+    if model_type is None and tv is not None and isinstance(model, tv.VisionTransformer):
+        return "torchvision-vit", "torchvision-vit"
+    if model_type in FAMILIES and model_type not in ("structural", "torch"):
+        return model_type, model_type
+    return "structural", model_type
 
 
-def _family(model):
-    model_type = model_type_of(model)
-    if model_type is None and _torchvision_vit(model):
-        from . import torchvision_vit
-
-        return torchvision_vit, "torchvision-vit"
-    return REGISTRY.get(model_type), model_type
-
-
-def _structural(model, method, overrides, kwargs):
-    model_type = model_type_of(model)
-    what = f"model_type {model_type!r}" if model_type else f"{type(model).__name__} (no config.model_type)"
-    warnings.warn(
-        f"lxt: no table for {what}; using the structural table built from the model's layers "
-        f"(it refuses, at the first forward, operations it cannot cover). Tables: "
-        f"{', '.join(sorted(REGISTRY))}.", UserWarning, stacklevel=3)
-    return getattr(structural, method)(model, overrides, **kwargs)
-
-
-def attnlrp(model, overrides=None, **kwargs):
-    """The AttnLRP composite for ``model`` (chosen by ``model.config.model_type``; the
-    structural table for any other model)."""
-    family, model_type = _family(model)
+def _build(method, model, family, overrides, epsilon, engine, conv_gamma, mlp_gamma, strict, kwargs):
+    if family is None and model is None:
+        raise ValueError(f"lxt: composites.{method}() needs the model, or the table's family= "
+                         f"(one of {', '.join(FAMILIES)}).")
     if family is None:
-        return _structural(model, "attnlrp", overrides, kwargs)
-    return family.attnlrp(overrides, model_type=model_type, **kwargs)
+        family, model_type = family_of(model)
+        if family == "structural":
+            what = f"model_type {model_type!r}" if model_type else f"{type(model).__name__} (no config.model_type)"
+            warnings.warn(f"lxt: no table for {what}; using the structural table built from the model's layers "
+                          f"(it refuses, at the first forward, operations it cannot cover). Tables: "
+                          f"{', '.join(sorted(k for k in FAMILIES if k not in ('structural', 'torch')))}.",
+                          UserWarning, stacklevel=3)
+    label = family
+    if family == "structural" and model is not None:
+        label = f"structural: {family_of(model)[1] or type(model).__name__}"
+    table = layer_map(family, method, epsilon, model=model, conv_gamma=conv_gamma, mlp_gamma=mlp_gamma)
+    name, tag = _LABELS[method]
+    return Composite(table, overrides, engine=engine, epsilon=epsilon, name=f"{name}[{label}]", method=tag,
+                     strict=FAMILIES[family].strict if strict is None else strict, **kwargs)
 
 
-def cp_lrp(model, overrides=None, **kwargs):
-    """The CP-LRP composite for ``model`` (chosen by ``model.config.model_type``; the
-    structural table for any other model)."""
-    family, model_type = _family(model)
-    if family is None:
-        return _structural(model, "cp_lrp", overrides, kwargs)
-    return family.cp_lrp(overrides, model_type=model_type, **kwargs)
+def attnlrp(model=None, *, family: str = None, overrides=None, epsilon: float = None, engine: str = "gradient",
+            conv_gamma: float = CONV_GAMMA, mlp_gamma: float = MLP_GAMMA, strict: bool = None,
+            **kwargs) -> Composite:
+    """A fresh AttnLRP composite for ``model`` (its table chosen by ``model.config.model_type``),
+    or for the row ``family`` of :data:`FAMILIES`.
+
+    ``overrides``: per-layer maps applied before the table (``{"model.layers.0.*": {...}}``);
+    ``epsilon``: the stabiliser of every epsilon-family rule; ``engine``: ``"gradient"`` or
+    ``"explicit"``; ``conv_gamma`` / ``mlp_gamma``: the ViT gamma rule; ``strict`` (default:
+    the row's) refuses operations without a rule; other keywords go to :class:`lxt.Composite`."""
+    return _build("attnlrp", model, family, overrides, epsilon, engine, conv_gamma, mlp_gamma, strict, kwargs)
 
 
-__all__ = ["attnlrp", "cp_lrp", "llama", "bert", "gpt2", "vit", "structural", "REGISTRY"]
+def cp_lrp(model=None, *, family: str = None, overrides=None, epsilon: float = None, engine: str = "gradient",
+           conv_gamma: float = CONV_GAMMA, mlp_gamma: float = MLP_GAMMA, strict: bool = None,
+           **kwargs) -> Composite:
+    """A fresh CP-LRP composite (the keywords of :func:`attnlrp`)."""
+    return _build("cp_lrp", model, family, overrides, epsilon, engine, conv_gamma, mlp_gamma, strict, kwargs)

@@ -22,10 +22,9 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 import torch
 from torch import nn
 
-from ..rules.base import EPSILON, Rule
+from ..rules.base import EPSILON, LxtModule, Rule
 from .dispatch import (CHOSEN_PLAIN, PLAIN_OK, Dispatcher, OpRecord, PatchedForward,
                        describe_ops, op_name, unsafe_ops)
-from .opaque import LxtModule
 from .quantized import keep_cpu_layout
 
 __all__ = ["Composite", "LayerMap", "ENGINES", "METHODS"]
@@ -64,7 +63,8 @@ class LayerMap:
       calls of it in the forward;
     - a string: calls of that ``torch.Tensor`` method in the forward (``"mul"``).  A call
       matches by op, however it is spelled: ``operator.add``, ``torch.add``, ``"add"`` and
-      ``a + b`` are one op (in-place forms, ``operator.iadd`` / ``"add_"``, another);
+      ``a + b`` are one op, and it matches the in-place form too (``x += y``, ``"add_"``; a key
+      ``"add_"`` matches only that);
     - a pair ``(ModuleType, function_or_method)``: such calls made directly inside modules of
       that type (e.g. ``(LlamaMLP, operator.mul)``);
     - a pair ``(ParentType, ModuleType)``: modules of the second type that are children of a
@@ -149,8 +149,11 @@ class LayerMap:
     def call_value(self, target, owner_type):
         """The first entry matching a call of ``target`` made directly inside a module of type
         ``owner_type``: ``(found, value, key)``.  Calls match by op, whatever alias spells
-        them (``operator.add``, ``torch.add`` and ``"add"`` are one op)."""
+        them (``operator.add``, ``torch.add`` and ``"add"`` are one op; ``add_`` its in-place
+        form, matched by either key)."""
         op = op_name(target)
+        # an in-place form (``add_``, ``x += y``) is its op too: ``"add"`` matches it
+        base = op[:-1] if isinstance(op, str) and op.endswith("_") and len(op) > 1 else None
         calls = self.__dict__.get("_calls")
         if calls is None:  # (op, scope or None, value, key) of the call entries, in order
             calls = self._calls = [
@@ -158,7 +161,7 @@ class LayerMap:
                 for key, value in self.entries
                 if not (_is_module_type(key) or (isinstance(key, tuple) and _is_module_type(key[1])))]
         for k, scope, value, key in calls:
-            if (k == op if isinstance(k, str) or isinstance(op, str) else k is op) and (
+            if (k == op or k == base if isinstance(k, str) or isinstance(op, str) else k is op) and (
                     scope is None or (owner_type is not None and issubclass(owner_type, scope))):
                 return True, value, key
         return False, None, None
@@ -209,8 +212,10 @@ class Composite:
         forward's inputs and outputs and around rules without a gradient form, the identity
         rule's ``y / x``); default :data:`lxt.rules.EPSILON`, and never larger (those divisions
         convert, they do not stabilise a rule: a larger value would change the relevance).
-        The rules' own ``epsilon`` is theirs: an epsilon-family rule with a larger one than the
-        default runs explicitly in either engine, so both engines give the same relevance.
+        The rules' own ``epsilon`` is theirs (set in the layer map, e.g. by
+        ``lxt.composites.attnlrp(model, epsilon=)``, which passes it here too, clipped): a rule
+        with a larger one than the default has its own gradient form (``z / stab(z)`` at its
+        output), so both engines give the same relevance.
     strict : bool
         Operations on the relevance path that the layer map leaves with plain gradients
         (products, nonlinearities, custom ``torch.autograd.Function`` classes ...

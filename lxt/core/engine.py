@@ -1,7 +1,7 @@
 """The execution form of rule calls: which engine (explicit LRP or its gradient form) and the
 stabiliser epsilon of the gradient form's divisions.  One thread-local value, :data:`ENGINE`,
 set by whoever runs rule calls for a composite (``lxt.rules.base.bind_engine`` around a
-rewritten call, :class:`lxt.core.opaque.LxtModule` around a module rule, the dispatcher of
+rewritten call, :class:`lxt.rules.base.LxtModule` around a module rule, the dispatcher of
 ``lxt.core.dispatch`` around a registered forward) and read by the rules
 (``lxt.rules.base``).  A leaf module: it imports nothing of lxt.
 """

@@ -14,7 +14,6 @@ import weakref
 import torch
 from torch import Tensor, nn
 
-from .engine import ENGINE
 
 _LAZY_CLONE = getattr(torch, "_lazy_clone", None)
 
@@ -24,7 +23,8 @@ def snapshot(t: Tensor) -> Tensor:
     (torch's lazy clone; where a torch build lacks it, ``t`` itself)."""
     return _LAZY_CLONE(t) if _LAZY_CLONE is not None else t
 
-_MODULES: "weakref.WeakValueDictionary[int, LxtModule]" = weakref.WeakValueDictionary()
+#: key -> lxt module (:class:`lxt.rules.base.LxtModule` registers itself here)
+_MODULES: "weakref.WeakValueDictionary[int, nn.Module]" = weakref.WeakValueDictionary()
 _KEYS = itertools.count(1)
 
 
@@ -71,58 +71,6 @@ class _Plain(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.m.lrp_forward(*args, **kwargs)
-
-
-class LxtModule(nn.Module):
-    """Base of every lxt module: ``forward`` runs :meth:`lrp_forward`, as one opaque node when
-    TorchDynamo captures the model."""
-
-    def __new__(cls, *args, **kwargs):
-        obj = super().__new__(cls)
-        key = next(_KEYS)
-        obj.__dict__["_lxt_key"] = key
-        _MODULES[key] = obj
-        return obj
-
-    def __deepcopy__(self, memo):
-        # a copy is a new module: it gets its own key
-        new = type(self).__new__(type(self))
-        memo[id(self)] = new
-        import copy
-
-        for k, v in self.__dict__.items():
-            if k != "_lxt_key":
-                new.__dict__[k] = copy.deepcopy(v, memo)
-        return new
-
-    def forward(self, *args, **kwargs):
-        if torch.compiler.is_compiling():
-            return opaque_module_call(self.__dict__["_lxt_key"], *args, **kwargs)
-        return self._lrp_call(*args, **kwargs)
-
-    def _lrp_call(self, *args, **kwargs):
-        hook = self.__dict__.get("_lxt_offload")
-        if hook is not None:
-            # the module this one replaces had accelerate's hook (offloaded weights): the hook
-            # loads this module's weights (the same names) around the rule, as it did there
-            args, kwargs = hook.pre_forward(self, *args, **kwargs)
-            return hook.post_forward(self, self._engine_call(*args, **kwargs))
-        return self._engine_call(*args, **kwargs)
-
-    def _engine_call(self, *args, **kwargs):
-        # a composite sets the engine its modules run in (``_lxt_engine``: gradient form?,
-        # its stabiliser); a module built by hand follows the caller's
-        engine = self.__dict__.get("_lxt_engine")  # (gradient, epsilon)
-        if engine is None:
-            return self.lrp_forward(*args, **kwargs)
-        previous = ENGINE.set(*engine)
-        try:
-            return self.lrp_forward(*args, **kwargs)
-        finally:
-            ENGINE.restore(previous)
-
-    def lrp_forward(self, *args, **kwargs):  # pragma: no cover - abstract
-        raise NotImplementedError
 
 
 # ---------------------------------------------------------------------- taps

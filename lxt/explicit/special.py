@@ -1,9 +1,11 @@
 """The published lxt 2.1 ``lxt.explicit.special``: CP-LRP multi-head attention.
 
 :func:`multi_head_attention_cp` is ``nn.MultiheadAttention``'s forward with the CP-LRP rule
-(Ali et al., 2022; AttnLRP appendix A.2.3): the attention weights are constants, relevance
-reaches the inputs only through the value projection.  The attention itself is
-:func:`lxt.functional.scaled_dot_product_attention_cp` (epsilon rule on ``A @ v``).
+(Ali et al., 2022; AttnLRP appendix A.2.3) in the published signature: the attention weights
+are constants, relevance reaches the inputs only through the value projection, and the value
+and output projections are modules a layer map can give rules to.  The attention itself is
+:func:`lxt.functional.scaled_dot_product_attention_cp`, and masks are converted as
+:class:`lxt.modules.MultiheadAttention` (``cp=True``: the same attention as one module) does.
 """
 from __future__ import annotations
 
@@ -12,15 +14,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import functional as _lf
+from ..modules import _additive_mask
 
 __all__ = ["multi_head_attention_cp"]
 
 
 def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """A boolean mask (True = not allowed) as an additive float mask; float masks as given."""
-    if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
-    return mask.to(dtype)
+    """A boolean mask (True = not allowed) as an additive float mask; float masks as given (the
+    converter of :class:`lxt.modules.MultiheadAttention`)."""
+    return _additive_mask(mask, dtype).to(dtype)
 
 
 @torch.no_grad()

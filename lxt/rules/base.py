@@ -26,7 +26,9 @@ import torch
 from torch import Tensor
 
 from ..core.engine import ENGINE, EPSILON
-from ..core.opaque import LxtModule, snapshot as _snapshot
+from torch import nn
+
+from ..core.opaque import _KEYS, _MODULES, opaque_module_call, snapshot as _snapshot
 
 
 def stabilize(z: Tensor, epsilon: float = EPSILON) -> Tensor:
@@ -495,6 +497,59 @@ def plain_call(fn: Callable, args: Sequence, kwargs: dict, positions: Sequence[i
 def n_variable(args: Sequence, positions: Sequence[int]) -> int:
     """Number of the inputs at ``positions`` that receive relevance."""
     return sum(1 for p in positions if args[p].requires_grad)
+
+
+class LxtModule(nn.Module):
+    """Base of every lxt module (the rule modules here, :mod:`lxt.modules`): ``forward`` runs
+    :meth:`lrp_forward` in the engine the composite set (``_lxt_engine``), as one opaque node
+    when TorchDynamo compiles the model (:mod:`lxt.core.opaque`)."""
+
+    def __new__(cls, *args, **kwargs):
+        obj = super().__new__(cls)
+        key = next(_KEYS)
+        obj.__dict__["_lxt_key"] = key
+        _MODULES[key] = obj
+        return obj
+
+    def __deepcopy__(self, memo):
+        # a copy is a new module: it gets its own key
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        import copy
+
+        for k, v in self.__dict__.items():
+            if k != "_lxt_key":
+                new.__dict__[k] = copy.deepcopy(v, memo)
+        return new
+
+    def forward(self, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            return opaque_module_call(self.__dict__["_lxt_key"], *args, **kwargs)
+        return self._lrp_call(*args, **kwargs)
+
+    def _lrp_call(self, *args, **kwargs):
+        hook = self.__dict__.get("_lxt_offload")
+        if hook is not None:
+            # the module this one replaces had accelerate's hook (offloaded weights): the hook
+            # loads this module's weights (the same names) around the rule, as it did there
+            args, kwargs = hook.pre_forward(self, *args, **kwargs)
+            return hook.post_forward(self, self._engine_call(*args, **kwargs))
+        return self._engine_call(*args, **kwargs)
+
+    def _engine_call(self, *args, **kwargs):
+        # a composite sets the engine its modules run in (``_lxt_engine``: gradient form?,
+        # its stabiliser); a module built by hand follows the caller's
+        engine = self.__dict__.get("_lxt_engine")  # (gradient, epsilon)
+        if engine is None:
+            return self.lrp_forward(*args, **kwargs)
+        previous = ENGINE.set(*engine)
+        try:
+            return self.lrp_forward(*args, **kwargs)
+        finally:
+            ENGINE.restore(previous)
+
+    def lrp_forward(self, *args, **kwargs):  # pragma: no cover - abstract
+        raise NotImplementedError
 
 
 def _bind_positionally(module, args, kwargs):
