@@ -1,6 +1,6 @@
 """lxt — Layer-wise Relevance Propagation (AttnLRP, CP-LRP) for transformers."""
 from . import composites, functional, modules, rules
-from .conservation import conservation
+from ._conservation import conservation  # the function is lxt.conservation (no module of that name hides it)
 from .core.composite import Composite, LayerMap
 from .explain import Explanation, explain
 

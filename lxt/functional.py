@@ -198,22 +198,19 @@ def _rms_norm_llama_detached(hidden_states: Tensor, weight: Optional[Tensor], ep
     return h if weight is None else weight * h
 
 
-# Gradient forms of the identity rule on normalisations (see IdentityRule.gradient_at): the
-# normaliser detached, so backward multiplies by it and keeps nothing else.
-_rms_norm_llama.lxt_gradient_form = _rms_norm_llama_detached
 
 
 def rms_norm_identity(hidden_states: Tensor, weight: Optional[Tensor],
                       variance_epsilon: float = 1e-6) -> Tensor:
     r"""Llama's RMSNorm (normalise in float32, cast back, scale by ``weight``) with the
     identity rule (AttnLRP Prop. 3.4): ``R_x = R``."""
-    return _IDENTITY.apply_at(_rms_norm_llama, (hidden_states, weight, variance_epsilon), {}, [0])
+    return _NORM_LLAMA.apply_at(_rms_norm_llama, (hidden_states, weight, variance_epsilon), {}, [0])
 
 
 def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
              eps: Optional[float] = None) -> Tensor:
     r"""``F.rms_norm`` with the identity rule (AttnLRP Prop. 3.4): ``R_x = R``."""
-    return _IDENTITY.apply_at(_rms_norm, (input, normalized_shape, weight, eps), {}, [0])
+    return _NORM.apply_at(_rms_norm, (input, normalized_shape, weight, eps), {}, [0])
 
 
 def _rms_norm(input, normalized_shape, weight=None, eps=None):
@@ -243,8 +240,11 @@ def _normalize_detached(input, p=2.0, dim=1, eps=1e-12):
     return input / input.detach().norm(p, dim, keepdim=True).clamp_min(eps)
 
 
-_rms_norm.lxt_gradient_form = _rms_norm_detached
-_normalize.lxt_gradient_form = _normalize_detached
+# The identity rule on normalisations, with their gradient forms (IdentityRule.gradient_form):
+# the normaliser detached, so backward multiplies by it and keeps nothing else.
+_NORM_LLAMA = IdentityRule(gradient_form=_rms_norm_llama_detached)
+_NORM = IdentityRule(gradient_form=_rms_norm_detached)
+_NORMALIZE = IdentityRule(gradient_form=_normalize_detached)
 
 
 def _layer_norm_std_detached(input, normalized_shape, weight, bias, eps):
@@ -297,7 +297,7 @@ def normalize(input: Tensor, p: float = 2.0, dim: int = 1, eps: float = 1e-12,
     AttnLRP Prop. 3.4): ``R_x = R``."""
     if out is not None:
         raise ValueError("lxt.normalize does not support out=.")
-    return _IDENTITY.apply_at(_normalize, (input,), {"p": p, "dim": dim, "eps": eps}, [0])
+    return _NORMALIZE.apply_at(_normalize, (input,), {"p": p, "dim": dim, "eps": eps}, [0])
 
 
 def identity(fn, input: Tensor, *args, **kwargs) -> Tensor:
@@ -321,20 +321,20 @@ def _gelu_ratio(input, approximate="none"):
     return 0.5 * (1 + torch.erf(input * (1 / math.sqrt(2))))
 
 
-# The identity rule's gradient form multiplies the gradient by y / x (IdentityRule.gradient_at);
-# for x * s(x) activations that ratio is s(x), one operation, with no division by x.
-_silu.lxt_ratio = torch.sigmoid
-_gelu.lxt_ratio = _gelu_ratio
+# The identity rule's gradient form multiplies the gradient by y / x; for x * s(x) activations
+# that ratio is s(x), one operation, with no division by x (IdentityRule.ratio).
+_SILU = IdentityRule(ratio=torch.sigmoid)
+_GELU = IdentityRule(ratio=_gelu_ratio)
 
 
 def silu(input: Tensor, inplace: bool = False) -> Tensor:
     """``F.silu`` with the identity rule (AttnLRP Eq. 9)."""
-    return identity(_silu, input)
+    return _SILU.apply_at(_silu, (input,), {}, [0])
 
 
 def gelu(input: Tensor, approximate: str = "none") -> Tensor:
     """``F.gelu`` with the identity rule (AttnLRP Eq. 9)."""
-    return identity(_gelu, input, approximate=approximate)
+    return _GELU.apply_at(_gelu, (input,), {"approximate": approximate}, [0])
 
 
 def tanh(input: Tensor) -> Tensor:

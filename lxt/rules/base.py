@@ -150,10 +150,11 @@ class _ScaleGradient(torch.autograd.Function):
 
 
 class _RatioGradient(torch.autograd.Function):
-    """``fn(x)`` in forward; ``g_x = g * fn(x) / stab(x)`` in backward (identity rule)."""
+    """``fn(x)`` in forward; ``g_x = g * fn(x) / stab(x)`` in backward (identity rule), or
+    ``g * ratio_of(x)`` where the rule knows ``y / x`` in closed form."""
 
     @staticmethod
-    def forward(ctx, fn, template, position, kwargs, x):
+    def forward(ctx, fn, template, position, kwargs, x, ratio_of=None):
         args = _fill(template, [position], [x.detach()])
         y = fn(*args, **kwargs)
         if not isinstance(y, Tensor):
@@ -161,7 +162,6 @@ class _RatioGradient(torch.autograd.Function):
                             f"it returned {type(y).__name__}.")
         ct = compute_dtype(x.dtype)
         ctx.epsilon = epsilon = ENGINE.epsilon
-        ratio_of = getattr(fn, "lxt_ratio", None)  # y / x in closed form (SiLU: sigmoid(x))
         if y.shape == x.shape and ratio_of is not None:
             ctx.save_for_backward(ratio_of(*args, **kwargs).to(x.dtype))
             ctx.broadcast = False
@@ -178,11 +178,11 @@ class _RatioGradient(torch.autograd.Function):
     def backward(ctx, grad):
         if not ctx.broadcast:
             (ratio,) = ctx.saved_tensors
-            return None, None, None, None, grad * ratio
+            return None, None, None, None, grad * ratio, None
         y, x = ctx.saved_tensors
         ct = compute_dtype(x.dtype)
         r = (y.to(ct) * grad.to(ct)).sum_to_size(x.shape)
-        return None, None, None, None, (r / stabilize(x.to(ct), ctx.epsilon)).to(x.dtype)
+        return None, None, None, None, (r / stabilize(x.to(ct), ctx.epsilon)).to(x.dtype), None
 
 
 def relevance_to_gradient(t: Tensor, epsilon: float | None = None) -> Tensor:

@@ -170,7 +170,23 @@ class IdentityRule(Rule):
 
     For a callable with one variable input whose output has the input's shape (or broadcasts
     to it).  With several variable inputs use :class:`UniformRule`.
+
+    Parameters (the gradient form only; the relevance is ``R`` either way)
+    ----------
+    ratio : callable, optional
+        ``y / x`` in closed form, called with the call's arguments (SiLU: ``sigmoid(x)``, one
+        operation and no division by ``x``).
+    gradient_form : callable, optional
+        For a normalisation ``y = x * s(x)``: a function of the call's arguments computing
+        ``x * s(x).detach()``, whose plain gradient is the rule's (``s`` is kept alone: one
+        number per row for RMSNorm).
     """
+
+    def __init__(self, ratio: Optional[Any] = None, gradient_form: Optional[Any] = None):
+        self.ratio, self.gradient_form = ratio, gradient_form
+
+    def _params(self):
+        return {k: v for k, v in (("ratio", self.ratio), ("gradient_form", self.gradient_form)) if v is not None}
 
     def relevance(self, call, relevance):
         if call.n_variable > 1:
@@ -196,15 +212,12 @@ class IdentityRule(Rule):
             )
         if fn in _LINEAR_ELEMENTWISE or (fn in _SCALES and var == [0]):
             return plain_call(fn, args, kwargs, positions)
-        form = getattr(fn, "lxt_gradient_form", None)
-        if form is not None:
-            # a normalisation y = x * s(x) declares ``x * s(x).detach()``: its plain gradient
-            # is s = y / x, kept as s alone (one number per row for RMSNorm)
-            return plain_call(form, args, kwargs, positions)
+        if self.gradient_form is not None:
+            return plain_call(self.gradient_form, args, kwargs, positions)
         (p,) = var
         template = list(args)
         template[p] = None
-        return _RatioGradient.apply(fn, template, p, kwargs, args[p])
+        return _RatioGradient.apply(fn, template, p, kwargs, args[p], self.ratio)
 
 
 class StopRelevanceRule(Rule):
