@@ -48,3 +48,55 @@ def test_core_modules_import_data_and_bench_only_lazily():
                 top = name.split(".")[0]
                 assert top not in ("lxt_data", "lxt_bench", "gguf", "sklearn", "psutil"), (
                     f"{path.relative_to(LXT.parent)} imports {name} at module level")
+
+
+def _import_graph(root: Path) -> dict:
+    """``module -> modules it imports`` (at module level or inside a function) within the
+    package under ``root`` (``from . import x`` of a submodule counts as importing the
+    submodule, not the package)."""
+    names = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        names[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in names.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+                mod = ".".join(base + ([node.module] if node.module else []))
+                subs = [f"{mod}.{a.name}" for a in node.names if f"{mod}.{a.name}" in names]
+                edges.update(subs if len(subs) == len(node.names) else [mod, *subs])
+            elif isinstance(node, ast.Import):
+                edges.update(a.name for a in node.names)
+        graph[name] = {e for e in edges if e in names and e != name}
+    return graph
+
+
+def _cycle(graph: dict):
+    """One import cycle of ``graph`` (a list of modules), or None."""
+    state = {}
+
+    def visit(u, path):
+        state[u] = "open"
+        for v in sorted(graph[u]):
+            if state.get(v) == "open":
+                return path[path.index(v):] + [v]
+            if v not in state and (found := visit(v, path + [v])):
+                return found
+        state[u] = "done"
+        return None
+
+    return next((c for u in sorted(graph) if u not in state and (c := visit(u, [u]))), None)
+
+
+def test_the_package_has_no_import_cycle(tmp_path):
+    """Not even through imports inside functions (d057acd had rules.base <-> core.opaque)."""
+    assert _cycle(_import_graph(LXT)) is None
+    # the check finds one where there is one
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "a.py").write_text("from .b import f\n")
+    (tmp_path / "pkg" / "b.py").write_text("def f():\n    from . import a\n")
+    assert _cycle(_import_graph(tmp_path / "pkg")) == ["pkg.a", "pkg.b", "pkg.a"]

@@ -88,12 +88,11 @@ def _is_experts(module: nn.Module) -> bool:
     return len(names) == 3 and set(dict(module.named_parameters(recurse=False))) == {"gate_up_proj", "down_proj"}
 
 
-def detected(model: nn.Module, cp: bool = False, epsilon=None) -> dict:
-    """The entries read off ``model``: RMSNorm-like and activation modules (identity on their
-    own forward) and transformers 5 experts, for the types the base map does not name."""
+def detected(model: nn.Module, identity, experts) -> dict:
+    """The entries read off ``model``: RMSNorm-like and activation modules (``identity``, the
+    identity rule on their own forward) and transformers 5 experts (``experts``), for the types
+    the base map does not name."""
     from transformers.pytorch_utils import Conv1D
-
-    from .table import experts_module, identity_module
 
     named = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, Conv1D, nn.LayerNorm, nn.MultiheadAttention)
     kinds = {}
@@ -102,7 +101,7 @@ def detected(model: nn.Module, cp: bool = False, epsilon=None) -> dict:
         if t in kinds or issubclass(t, named):
             continue
         if _is_rms_like(module) or _is_activation(module):
-            kinds[t] = identity_module
+            kinds[t] = identity
         elif _is_experts(module):
-            kinds[t] = experts_module(cp, epsilon)
+            kinds[t] = experts
     return kinds

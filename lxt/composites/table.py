@@ -215,6 +215,6 @@ def layer_map(family: str = "llama", method: str = "attnlrp", epsilon=None, *, m
 
         if model is None:
             raise ValueError("lxt: the structural table is read off a model: pass model=.")
-        table.update(detected(model, cp, epsilon))
+        table.update(detected(model, identity_module, experts_module(cp, epsilon)))
     table.update({cls: identity_module for cls in python_activations()} if row.python_activations else {})
     return {**table, **{k: v for k, v in base_map(cp, epsilon).items() if k not in table}}
