@@ -59,6 +59,10 @@ class Explanation:
         LRP methods: what ran without an LRP rule on the relevance path (operations the
         composite has no rule for), when the result was asked for with ``partial=True``;
         ``None`` when every operation had its rule.
+    image_relevance : Tensor, optional
+        Text with an image (``explain(vlm, processor, prompt, image=...)``): per-pixel
+        relevance ``(H, W)`` of the image as the model saw it (:attr:`image`, after the
+        processor's resize and crop); its sum is the ``<image>`` entry of :attr:`relevance`.
     in_user_message : list of bool, optional
         Chat messages: per entry of :attr:`tokens`, whether it is part of a user message's
         content (the rest is the chat template: role headers, special tokens, a system
@@ -79,6 +83,7 @@ class Explanation:
     position: Optional[int] = None
     partial: Optional[str] = None
     in_user_message: Optional[list] = None
+    image_relevance: Optional[Tensor] = None
 
     # ------------------------------------------------------------------ views
     def top(self, k: int = 5) -> list:
@@ -102,6 +107,7 @@ class Explanation:
             "position": self.position,
             "partial": self.partial,
             "in_user_message": self.in_user_message,
+            "image_relevance": None if self.image_relevance is None else self.image_relevance.tolist(),
         }
 
     def show(self) -> None:
@@ -1014,7 +1020,7 @@ def explain(model: nn.Module, tokenizer=None, inputs=None, *, target=None, contr
             generate: int = 0, method: str = "attnlrp", steps: int = 50,
             layers: Optional[Sequence[str]] = None, batch_size: int = 8,
             composite=None, progress: Optional[bool] = None, position: Optional[int] = None,
-            partial: bool = False):
+            partial: bool = False, image=None):
     """Explain a prediction with one forward and one backward pass.
 
     Every argument is checked before the model runs; a bad one raises ``TypeError`` or
@@ -1091,12 +1097,24 @@ def explain(model: nn.Module, tokenizer=None, inputs=None, *, target=None, contr
         return _explain(model, tokenizer, inputs, target=target, contrast=contrast,
                         generate=generate, method=method, steps=steps, layers=layers,
                         batch_size=batch_size, composite=composite, progress=progress,
-                        position=position, partial=partial)
+                        position=position, partial=partial, image=image)
 
 
 def _explain(model, tokenizer, inputs, *, target, contrast, generate, method, steps, layers,
-             batch_size, composite, progress, position, partial):
+             batch_size, composite, progress, position, partial, image=None):
     method = _check_method(method)
+    if image is not None:
+        if not isinstance(model, nn.Module) or not isinstance(partial, bool):
+            raise TypeError("lxt: explain(model, processor, prompt, image=...) needs a torch model and "
+                            "partial=True / False.")
+        if generate or position is not None or layers:
+            raise ValueError("lxt: with image=, explain gives the next token of one prompt (no "
+                             "generate=, position= or layers= yet).")
+        _check_composite(model, method, composite)
+        from .multimodal import explain_with_image
+
+        return explain_with_image(model, tokenizer, inputs, image, target=target, contrast=contrast,
+                                  method=method, partial=partial, composite=composite)
     model, tokenizer, inputs, prefix = _unpack_pipeline(model, tokenizer, inputs)
     if not isinstance(partial, bool):
         raise TypeError(f"lxt: partial must be True or False, got {partial!r}.")

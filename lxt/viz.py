@@ -71,7 +71,14 @@ def html_fragment(exp) -> str:
     target = html.escape(repr(exp.target))
     contrast = f" vs {html.escape(repr(exp.contrast))}" if exp.contrast is not None else ""
     legend = "; the user's message underlined" if any(_user(exp)) else ""
-    return (f'<div class="lxt-explanation" data-method="{html.escape(exp.method)}">'
+    picture = ""
+    if getattr(exp, "image_relevance", None) is not None:  # the image heatmap beside the prompt
+        import base64
+
+        data = base64.b64encode(image_png_bytes(exp)).decode("ascii")
+        picture = (f'<img class="image-relevance" alt="image relevance" style="float:left;margin-right:1em" '
+                   f'src="data:image/png;base64,{data}">')
+    return (f'<div class="lxt-explanation" data-method="{html.escape(exp.method)}">{picture}'
             f'<div class="head">{html.escape(exp.method)} — target {target}{contrast} '
             f'(value {exp.logit:+.3f}){legend}</div><div class="tokens">{"".join(spans)}</div></div>')
 
@@ -97,13 +104,48 @@ def png(exp, path: str) -> str:
         return _png_tokens(exp, path, plt)
 
 
+def _overlay(ax, exp) -> None:
+    """The image (greyscale) with its pixel relevance on top, red / blue."""
+    img = exp.image
+    grey = img.mean(0) if img.dim() == 3 else img
+    ax.imshow(grey.numpy(), cmap="gray")
+    s = _scale(exp.image_relevance)
+    ax.imshow(exp.image_relevance.numpy(), cmap="bwr", vmin=-s, vmax=s, alpha=0.7)
+    ax.set_title(f"image: {float(exp.image_relevance.sum()):+.3f}", fontsize=9, **_LITERAL)
+    ax.axis("off")
+
+
+def image_png_bytes(exp) -> bytes:
+    """The image heatmap of a text-with-image explanation as PNG bytes."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    with plt.rc_context({"text.usetex": False}):
+        fig = plt.figure(figsize=(3, 3), dpi=100)
+        _overlay(fig.add_axes([0, 0, 1, 0.92]), exp)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        plt.close(fig)
+    return buf.getvalue()
+
+
 def _png_tokens(exp, path, plt):
     s = _scale(exp.relevance)
-    fig = plt.figure(figsize=(10, 1.0 + 0.45 * (1 + len(exp.tokens) // 12)), dpi=120)
+    with_image = getattr(exp, "image_relevance", None) is not None
+    rows = 1 + len(exp.tokens) // (8 if with_image else 12)
+    fig = plt.figure(figsize=(10, max(3.2 if with_image else 0, 1.0 + 0.45 * rows)), dpi=120)
+    left = 0.0
+    if with_image:  # the image heatmap beside the coloured prompt
+        _overlay(fig.add_axes([0.01, 0.05, 0.28, 0.82]), exp)
+        left = 0.31
     ax = fig.add_axes([0, 0, 1, 1])
     ax.axis("off")
     renderer = fig.canvas.get_renderer()
-    x, y, line = 0.01, 0.80, 0.22 / max(1, (1 + len(exp.tokens) // 12))
+    x, y, line = left + 0.01, 0.80, 0.22 / max(1, rows)
     title = f"{exp.method}: target {exp.target!r}" + (f" vs {exp.contrast!r}" if exp.contrast is not None else "")
     legend = "; the user's message boxed" if any(_user(exp)) else ""
     ax.text(0.01, 0.95, title + f"  (value {exp.logit:+.3f}){legend}", fontsize=10, va="top",
@@ -116,7 +158,7 @@ def _png_tokens(exp, path, plt):
         width = t.get_window_extent(renderer=renderer).width / fig.bbox.width
         x += width + 0.004
         if x > 0.93:
-            x, y = 0.01, y - max(line, 0.12)
+            x, y = left + 0.01, y - max(line, 0.12)
     fig.savefig(path)
     plt.close(fig)
     return path

@@ -232,7 +232,7 @@ def reference_attention_registered():
 
 
 _ACTIVATIONS = (nn.SiLU, nn.GELU, nn.Tanh, nn.ReLU, SiLUActivation, GELUActivation) + tuple(
-    getattr(_hf_activations, n) for n in ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation")
+    getattr(_hf_activations, n) for n in ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation", "QuickGELUActivation")
     if hasattr(_hf_activations, n))
 
 
@@ -245,6 +245,9 @@ def reference_model(model, cp=False, cp_mlp=None):
     assert kernel in ("sdpa", "eager"), kernel
     ref.set_attn_implementation(_attention_name(cp, kernel))
     assert ref.config._attn_implementation == _attention_name(cp, kernel)
+    for name in ("text_config", "vision_config"):  # a VLM's sub-models: the reference attention too
+        sub = getattr(ref.config, name, None)
+        assert sub is None or sub._attn_implementation == _attention_name(cp, kernel), (name, sub._attn_implementation)
     counts = {"act": 0, "norm": 0}
     for module in ref.modules():
         if isinstance(module, _ACTIVATIONS):

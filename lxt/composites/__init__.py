@@ -15,7 +15,7 @@ import sys
 import warnings
 
 from ..core.composite import Composite
-from .table import CONV_GAMMA, FAMILIES, MLP_GAMMA, Family, layer_map
+from .table import CONV_GAMMA, FAMILIES, MLP_GAMMA, Family, layer_map, part_families
 
 __all__ = ["attnlrp", "cp_lrp", "layer_map", "family_of", "FAMILIES", "Family", "CONV_GAMMA", "MLP_GAMMA"]
 
@@ -50,9 +50,14 @@ def _build(method, model, family, overrides, epsilon, engine, conv_gamma, mlp_ga
     if family == "structural" and model is not None:
         label = f"structural: {family_of(model)[1] or type(model).__name__}"
     table = layer_map(family, method, epsilon, model=model, conv_gamma=conv_gamma, mlp_gamma=mlp_gamma)
+    parts = part_families(family, model)
+    if parts:  # a VLM: its language model's and vision tower's rows
+        label = f"{family}: {' + '.join(key for _, key in parts)}"
+    if strict is None:
+        strict = FAMILIES[family].strict or any(key == "structural" for _, key in parts)
     name, tag = _LABELS[method]
     return Composite(table, overrides, engine=engine, epsilon=epsilon, name=f"{name}[{label}]", method=tag,
-                     strict=FAMILIES[family].strict if strict is None else strict, **kwargs)
+                     strict=strict, **kwargs)
 
 
 def attnlrp(model=None, *, family: str = None, overrides=None, epsilon: float = None, engine: str = "gradient",

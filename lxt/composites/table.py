@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -49,12 +49,15 @@ class Family:
     module: str = ""  # the module holding the classes named below
     norm: Optional[str] = None  # RMSNorm class: identity rule
     one_plus_weight: bool = False  # Gemma: x / rms * (1 + w), kept as its own forward
-    mlp: Optional[str] = None  # gated MLP class: CP-LRP detaches its gate branch
+    mlp: Union[str, tuple, None] = None  # gated MLP class(es): CP-LRP detaches the gate branch
     gate_position: int = 0  # which factor of the MLP's product is the gate
     experts: Optional[str] = None  # MoE experts class (transformers 5 layout)
     gamma: tuple = ()  # MLP classes whose linears (and the patch convolution) get the gamma rule
     python_activations: bool = False  # transformers' Python activation modules: identity on the module
     strict: bool = False  # refuse operations the table cannot cover
+    #: sub-configurations (``"text_config"``, ``"vision_config"``) whose models' rows join this
+    #: one (a VLM: its language model's row and its vision tower's, read off the model's config)
+    parts: tuple = ()
 
 
 _HF = "transformers.models.{0}.modeling_{0}"
@@ -62,6 +65,8 @@ _decoder = lambda name, prefix, mlp=True, **kw: Family(
     _HF.format(name), f"{prefix}RMSNorm", mlp=f"{prefix}MLP" if mlp else None, **kw)
 _vit = lambda name, prefix: Family(_HF.format(name), gamma=tuple(prefix + n for n in ("MLP", "Intermediate", "Output")))
 _BERT = Family(python_activations=True)
+_ENCODER = Family(python_activations=True)
+_VLM = Family(python_activations=True, strict=True, parts=("text_config", "vision_config"))
 #: model_type -> row
 FAMILIES = {
     "llama": _decoder("llama", "Llama"),
@@ -81,6 +86,15 @@ FAMILIES = {
     "bert": _BERT, "roberta": _BERT, "distilbert": _BERT,
     "vit": _vit("vit", "ViT"), "deit": _vit("deit", "DeiT"),  # 5.x: *MLP; 4.x: *Intermediate / *Output
     "torchvision-vit": Family("torchvision.models.vision_transformer", gamma=("MLPBlock",)),
+    # image encoders: transformers' Python activations (quick_gelu, gelu_pytorch_tanh); the
+    # towers' pooling heads are the base map's (a selection, nn.MultiheadAttention, a mean)
+    "clip": _ENCODER, "clip_vision_model": _ENCODER, "clip_text_model": _ENCODER,
+    "siglip": _ENCODER, "siglip_vision_model": _ENCODER, "siglip_text_model": _ENCODER,
+    "dinov2": _ENCODER,
+    # VLMs: the rows of their language model and vision tower (read off config.text_config /
+    # vision_config); image features enter the text stream by masked_scatter, a data movement
+    # whose gradient routes relevance unchanged (lxt.core.dispatch.COMPATIBLE)
+    "llava": _VLM, "llava_next": _VLM,
     "torch": Family(),  # models built from torch modules (nn.MultiheadAttention, ...): the base map
     "structural": Family(python_activations=True, strict=True),  # read off the model: structural.py
 }
@@ -183,6 +197,7 @@ def base_map(cp: bool = False, epsilon=None) -> dict:
         torch.add: eps(lf.add2),  # in place too: the rule runs on a copy, written back (lxt.core.dispatch)
         torch.mul: lf.mul2,
         torch.neg: IdentityRule,  # rotate_half: -x carries x's relevance, not -R
+        torch.mean: eps(lf.mean),  # mean pooling (DINOv2's classifier): epsilon on a sum / N
         torch.div: lf.div,  # a / b: identity on a, the divisor a constant (x / x.norm(), e / e.sum())
     })
     return table
@@ -191,25 +206,54 @@ def base_map(cp: bool = False, epsilon=None) -> dict:
 def layer_map(family: str = "llama", method: str = "attnlrp", epsilon=None, *, model=None,
               conv_gamma: float = CONV_GAMMA, mlp_gamma: float = MLP_GAMMA) -> dict:
     """The table of ``family`` (a key of :data:`FAMILIES`) for ``method`` (``"attnlrp"`` or
-    ``"cp_lrp"``): the family's entries, then the base map (first match wins).  ``epsilon`` sets
-    the stabiliser of every epsilon-family rule (default :data:`lxt.rules.EPSILON`); the
-    structural family reads its entries off ``model``."""
+    ``"cp_lrp"``): the family's entries (and those of the rows its ``parts`` name), then the
+    base map (first match wins).  ``epsilon`` sets the stabiliser of every epsilon-family rule
+    (default :data:`lxt.rules.EPSILON`); the structural family, and a row with ``parts``, read
+    their entries off ``model``."""
     if family not in FAMILIES:
         raise ValueError(f"lxt: no table for {family!r}; known: {', '.join(FAMILIES)}.")
     if method not in ("attnlrp", "cp_lrp", "cp-lrp"):
         raise ValueError(f"lxt: method is 'attnlrp' or 'cp_lrp', got {method!r}.")
-    row, cp, table = FAMILIES[family], method != "attnlrp", {}
+    table = _entries(family, method != "attnlrp", epsilon, model, (conv_gamma, mlp_gamma))
+    return {**table, **{k: v for k, v in base_map(method != "attnlrp", epsilon).items() if k not in table}}
+
+
+def part_families(family: str, model) -> list:
+    """``[(part, row key)]``: the rows of ``family``'s sub-models (``"structural"`` for a
+    sub-model no row names), read off ``model.config``."""
+    row = FAMILIES[family]
+    if not row.parts:
+        return []
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ValueError(f"lxt: the {family} table joins the rows of its sub-models ({', '.join(row.parts)}), "
+                         "read off the model: pass model=.")
+    out = []
+    for part in row.parts:
+        sub = getattr(config, part, None)
+        sub_type = getattr(sub, "model_type", None)
+        if sub_type is None:
+            continue
+        out.append((part, sub_type if sub_type in FAMILIES and sub_type not in ("structural", "torch")
+                    else "structural"))
+    return out
+
+
+def _entries(family, cp, epsilon, model, gammas) -> dict:
+    """The entries of ``family``'s row (before the base map), then those of its parts."""
+    row, table = FAMILIES[family], {}
     kw = {} if epsilon is None else {"epsilon": epsilon}
     if row.gamma:
         mlps = [getattr(importlib.import_module(row.module), n, None) for n in row.gamma]
-        table[nn.Conv2d] = GammaRule(gamma=conv_gamma, **kw)
-        table.update({(mlp, nn.Linear): GammaRule(gamma=mlp_gamma, **kw) for mlp in mlps if mlp is not None})
+        table[nn.Conv2d] = GammaRule(gamma=gammas[0], **kw)
+        table.update({(mlp, nn.Linear): GammaRule(gamma=gammas[1], **kw) for mlp in mlps if mlp is not None})
     if row.norm:
         table[_class(row, row.norm, family)] = identity_module if row.one_plus_weight else rms_norm_module
     if row.experts:
         table[_class(row, row.experts, family)] = experts_module(cp, epsilon)
     if row.mlp and cp:
-        table[(_class(row, row.mlp, family), torch.mul)] = detached_mul(row.gate_position)
+        for name in (row.mlp,) if isinstance(row.mlp, str) else row.mlp:
+            table[(_class(row, name, family), torch.mul)] = detached_mul(row.gate_position)
     if family == "structural":
         from .structural import detected
 
@@ -217,4 +261,7 @@ def layer_map(family: str = "llama", method: str = "attnlrp", epsilon=None, *, m
             raise ValueError("lxt: the structural table is read off a model: pass model=.")
         table.update(detected(model, identity_module, experts_module(cp, epsilon)))
     table.update({cls: identity_module for cls in python_activations()} if row.python_activations else {})
-    return {**table, **{k: v for k, v in base_map(cp, epsilon).items() if k not in table}}
+    for _, key in part_families(family, model):
+        for k, v in _entries(key, cp, epsilon, model, gammas).items():
+            table.setdefault(k, v)
+    return table

@@ -623,7 +623,6 @@ SUGGESTIONS = {
     "layer_norm": "F.layer_norm: lxt.functional.layer_norm", "rms_norm": "F.rms_norm: lxt.functional.rms_norm",
     "normalize": "F.normalize: lxt.functional.normalize", "mean": "torch.mean: lxt.functional.mean",
     "sum": "torch.sum: lxt.rules.EpsilonRule", "index_add": "torch.index_add: lxt.functional.index_add",
-    "masked_scatter": "'masked_scatter': lxt.rules.EpsilonRule (a write of one tensor into another)",
     "scaled_dot_product_attention": "F.scaled_dot_product_attention: lxt.functional.sdpa",
 }
 

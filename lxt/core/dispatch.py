@@ -43,6 +43,9 @@ COMPATIBLE = {
     "new_ones", "new_full", "empty_like", "zeros_like", "ones_like", "full_like",
     # top-k values are a selection of the input (MoE routers)
     "topk",
+    # writes of one tensor into another (image features into the text stream): each output
+    # element is one element of one input, so the gradient routes relevance unchanged
+    "masked_scatter", "setitem", "copy", "index_copy", "masked_select",
 }
 #: ops whose plain gradient is not relevance (LRP needs a rule there)
 NOT_LRP_SAFE = {
@@ -51,7 +54,7 @@ NOT_LRP_SAFE = {
     "rms_norm", "group_norm", "batch_norm", "mean", "sum", "pow", "rsqrt", "sqrt", "exp", "log",
     "tanh", "sigmoid", "silu", "gelu", "relu", "scaled_dot_product_attention", "einsum",
     "baddbmm", "addmm", "normalize", "cos", "sin", "abs", "max", "min", "amax", "logsumexp",
-    "erf", "index_add", "masked_scatter", "setitem", "copy", "var", "std", "norm", "clamp",
+    "erf", "index_add", "var", "std", "norm", "clamp",
     "square", "reciprocal", "softplus", "prod", "cumsum",
 }
 
