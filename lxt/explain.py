@@ -1111,9 +1111,11 @@ def _explain(model, tokenizer, inputs, *, target, contrast, generate, method, st
             raise ValueError("lxt: with image=, explain gives the next token of one prompt (no "
                              "generate=, position= or layers= yet).")
         _check_composite(model, method, composite)
+        import sys
+
         from .multimodal import explain_with_image
 
-        return explain_with_image(model, tokenizer, inputs, image, target=target, contrast=contrast,
+        return explain_with_image(sys.modules[__name__], model, tokenizer, inputs, image, target=target, contrast=contrast,
                                   method=method, partial=partial, composite=composite)
     model, tokenizer, inputs, prefix = _unpack_pipeline(model, tokenizer, inputs)
     if not isinstance(partial, bool):

@@ -76,10 +76,9 @@ def _display(processor, pixels: Tensor) -> Tensor:
     return img.clamp(0, 1)
 
 
-def explain_with_image(model, processor, prompt, image, *, target, contrast, method, partial, composite):
-    import importlib
-
-    ex = importlib.import_module("lxt.explain")  # the module (lxt.explain is also the function)
+def explain_with_image(ex, model, processor, prompt, image, *, target, contrast, method, partial, composite):
+    """``ex``: the module :mod:`lxt.explain`, whose checks and selection this reuses (passed by
+    it, so that this module does not import it back)."""
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is None or getattr(processor, "image_processor", None) is None:
         raise TypeError(f"lxt: image= needs the model's processor (AutoProcessor: tokenizer and image "
@@ -132,7 +131,8 @@ def explain_with_image(model, processor, prompt, image, *, target, contrast, met
     else:
         per_token, per_pixel = text[0].sum(-1), pix[0].sum(0)
     per_token, per_pixel = per_token.detach().float().cpu(), per_pixel.detach().float().cpu()
-    tokens, rel = _collapse(tokenizer, ids[0].tolist(), per_token, image_id, float(per_pixel.sum()))
+    tokens, rel = _collapse(ex._token_texts, tokenizer, ids[0].tolist(), per_token, image_id,
+                            float(per_pixel.sum()))
     return ex.Explanation(
         tokens=tokens, relevance=rel, target=tokenizer.decode([tids[0]]), target_id=tids[0],
         logit=float(values[0].detach()), method=method, prompt=tokenizer.decode(ids[0]),
@@ -141,11 +141,10 @@ def explain_with_image(model, processor, prompt, image, *, target, contrast, met
         image=_display(processor, pixels[0]), image_relevance=per_pixel)
 
 
-def _collapse(tokenizer, ids: list, per_token: Tensor, image_id: int, image_total: float) -> tuple:
-    """Tokens with each run of image tokens as one :data:`IMAGE_ENTRY` entry; the image's total
-    relevance goes to the first run (a prompt has one image)."""
-    from .explain import _token_texts
-
+def _collapse(_token_texts, tokenizer, ids: list, per_token: Tensor, image_id: int, image_total: float) -> tuple:
+    """Tokens (``_token_texts``: their texts, as explain shows them) with each run of image
+    tokens as one :data:`IMAGE_ENTRY` entry; the image's total relevance goes to the first run
+    (a prompt has one image)."""
     tokens, values, i, first = [], [], 0, True
     while i < len(ids):
         if ids[i] == image_id:
