@@ -224,3 +224,20 @@ def test_explain_with_an_image(method, tmp_path):
     assert (tmp_path / "e.png").stat().st_size if exp.to_png(str(tmp_path / "e.png")) else False
     with pytest.raises(TypeError, match="needs the model's processor"):
         lxt.explain(model, processor.tokenizer, "the cat", image=image)
+
+
+@pytest.mark.parametrize("engine", ["explicit", "gradient"])
+def test_weights_loaded_from_safetensors(engine, tmp_path):
+    """``from_pretrained`` memory-maps safetensors weights, whose storage torch's lazy clone
+    cannot share ("Expected storage != nullptr"): the explicit engine, whose rules snapshot
+    their inputs (here DINOv2's position embeddings, an operand of the embedding sum), copies
+    them instead; relevance equals the model's in memory."""
+    model = tiny_encoder("dinov2")
+    model.save_pretrained(tmp_path)
+    loaded = tr.Dinov2ForImageClassification.from_pretrained(tmp_path, dtype=D).eval()
+    loaded.config._attn_implementation = "sdpa"
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(4), dtype=D)
+    comp = lambda m: lxt.composites.attnlrp(m, engine=engine)
+    a = lxt.explain(model, None, x, composite=comp(model))
+    b = lxt.explain(loaded, None, x, composite=comp(loaded))
+    torch.testing.assert_close(b.relevance, a.relevance, rtol=1e-10, atol=1e-12)

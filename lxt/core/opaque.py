@@ -20,8 +20,15 @@ _LAZY_CLONE = getattr(torch, "_lazy_clone", None)
 
 def snapshot(t: Tensor) -> Tensor:
     """``t`` as a copy-on-write clone: no copy is made unless one of the two is written to
-    (torch's lazy clone; where a torch build lacks it, ``t`` itself)."""
-    return _LAZY_CLONE(t) if _LAZY_CLONE is not None else t
+    (torch's lazy clone; where a torch build lacks it, ``t`` itself).  A tensor whose storage
+    the lazy clone cannot share (weights memory-mapped from a safetensors file by
+    ``from_pretrained``: "Expected storage != nullptr") is copied."""
+    if _LAZY_CLONE is None:
+        return t
+    try:
+        return _LAZY_CLONE(t)
+    except RuntimeError:
+        return t.clone()
 
 #: key -> lxt module (:class:`lxt.rules.base.LxtModule` registers itself here)
 _MODULES: "weakref.WeakValueDictionary[int, nn.Module]" = weakref.WeakValueDictionary()
