@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
     e.add_argument("--position", type=int, help="explain the prediction at this token index "
                    "(default: the last token; a masked LM: the prompt's mask token)")
+    e.add_argument("--image", metavar="FILE", help="an image: explain a vision-language model's next "
+                   "token over the prompt and the image (--model: a local VLM folder with its "
+                   "processor, e.g. LLaVA)")
     e.add_argument("--html", help="write the heatmap as an HTML page")
     e.add_argument("--png", help="write the heatmap as a PNG image")
     e.add_argument("--jsonl", help="write one JSON object per explanation; with --file, "
@@ -282,6 +285,8 @@ def _explain(args) -> int:
     except ValueError as err:
         raise UserError(str(err).removeprefix("lxt: ")) from err
     _check_args(args)
+    if getattr(args, "image", None) is not None:
+        return _explain_image_text(args, method)
     prompts = _prompts(args)
     if args.generate:
         prompts = [p for p in prompts if p[1].strip()]
@@ -376,6 +381,47 @@ def _not_finite(e) -> bool:
     import torch
 
     return not (torch.isfinite(e.relevance).all() and math.isfinite(e.logit))
+
+
+def _explain_image_text(args, method) -> int:
+    """``--image FILE``: one prompt, one image, a VLM folder."""
+    from .explain import explain
+
+    if args.model is None:
+        raise UserError("--image needs --model FOLDER: a local vision-language model (LLaVA, PaliGemma, "
+                        "Gemma 3) saved with its processor")
+    if args.file or args.chat or args.generate or args.position is not None:
+        raise UserError("--image explains the next token of one prompt (no --file, --chat, --generate "
+                        "or --position yet)")
+    if args.prompt is None or not args.prompt.strip():
+        raise UserError("--image needs a prompt")
+    if not Path(args.image).is_file():
+        raise UserError(f"image not found: {args.image}")
+    folder = Path(args.model)
+    if not (folder / "config.json").is_file():
+        raise UserError(f"model not found: {args.model} (give a local model folder with config.json)")
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+        model = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True,
+                                                            dtype=getattr(torch, args.dtype)).eval()
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"cannot load a vision-language model and its processor from {args.model}: "
+                        f"{err}") from err
+    try:
+        exp = explain(model, processor, args.prompt, image=args.image, target=args.target,
+                      contrast=args.contrast, method=method)
+    except (ValueError, TypeError) as err:
+        raise UserError(str(err).removeprefix("lxt: ")) from err
+    _write_outputs(args, [exp])
+    if args.jsonl:
+        _check_single_output(args.jsonl)
+        Path(args.jsonl).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.jsonl).write_text(json.dumps(exp.to_dict(), allow_nan=False) + "\n", encoding="utf-8")
+        print(f"explanation (JSON): {args.jsonl}")
+    return 0
 
 
 def _write_outputs(args, exps) -> None:

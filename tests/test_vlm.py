@@ -241,3 +241,28 @@ def test_weights_loaded_from_safetensors(engine, tmp_path):
     a = lxt.explain(model, None, x, composite=comp(model))
     b = lxt.explain(loaded, None, x, composite=comp(loaded))
     torch.testing.assert_close(b.relevance, a.relevance, rtol=1e-10, atol=1e-12)
+
+
+def test_command_line_with_an_image(tmp_path, capsys):
+    """``lxt explain PROMPT --model VLM_FOLDER --image FILE``: a saved tiny LLaVA and its
+    processor, a bundled photograph written to disk; HTML with the heatmap, PNG, JSON."""
+    import json
+
+    from lxt.cli import main
+    from lxt_data import load_image
+
+    folder = tmp_path / "llava"
+    tiny_llava().save_pretrained(folder)
+    tiny_llava_processor().save_pretrained(folder)
+    image = tmp_path / "cat.png"
+    load_image("chelsea", size=48).save(image)
+    out = tmp_path / "out"
+    rc = main(["explain", "the cat sat on", "--model", str(folder), "--image", str(image), "--quiet",
+               "--html", str(out / "e.html"), "--png", str(out / "e.png"), "--jsonl", str(out / "e.jsonl")])
+    assert rc == 0
+    assert "data:image/png;base64," in (out / "e.html").read_text()
+    assert (out / "e.png").stat().st_size > 0
+    row = json.loads((out / "e.jsonl").read_text())
+    assert row["tokens"][0] == "<image>" and len(row["image_relevance"]) == 16
+    assert main(["explain", "the cat", "--image", str(image)]) != 0
+    assert "--image needs --model" in capsys.readouterr().err
