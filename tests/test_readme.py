@@ -47,8 +47,11 @@ def stand_ins(monkeypatch, tmp_path):
 
 def test_readme_python_blocks_run(stand_ins, capsys):
     code = blocks("python")
-    assert len(code) == 8, "README.md python blocks changed: update this test"
-    namespace = {"__name__": "readme"}
+    assert len(code) == 9, "README.md python blocks changed: update this test"
+    from test_vlm import tiny_llava, tiny_llava_processor
+
+    # the image-text block's vlm and processor: a tiny LLaVA (no VLM ships offline)
+    namespace = {"__name__": "readme", "vlm": tiny_llava(), "processor": tiny_llava_processor()}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for i, block in enumerate(code):
@@ -57,9 +60,12 @@ def test_readme_python_blocks_run(stand_ins, capsys):
                 assert namespace["out"].sequence_attributions[0].target_attributions.shape[1] == 3
             if i == 2:  # captum: the convergence delta is what biases absorbed
                 assert namespace["delta"].shape == (1,)
-            if i == 3:  # the composite example: per-token relevance of "The capital of France is"
+            if i == 3:  # a VLM: the image tokens as one entry, relevance per pixel
+                assert namespace["exp"].tokens[0] == "<image>"
+                assert namespace["exp"].image_relevance.shape == (16, 16)
+            if i == 4:  # the composite example: per-token relevance of "The capital of France is"
                 assert namespace["relevance"].shape == (1, 5)
-            if i == 5:  # nn.MultiheadAttention in a hand-written model
+            if i == 6:  # nn.MultiheadAttention in a hand-written model
                 assert namespace["token_relevance"].shape == (1, 8)
                 assert "forward" not in namespace["encoder"].__dict__
     lxt_warnings = [str(w.message) for w in caught if str(w.message).startswith("lxt:")]
