@@ -13,8 +13,6 @@ by name.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -29,6 +27,10 @@ def _as_pil(image):
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     if isinstance(image, str) or hasattr(image, "__fspath__"):
+        import os
+
+        if not os.path.isfile(image):
+            raise ValueError(f"lxt: image file not found: {image}")
         return Image.open(image).convert("RGB")
     if isinstance(image, Tensor):
         if image.dim() != 3 or image.shape[0] not in (1, 3) or not image.is_floating_point():
@@ -164,7 +166,3 @@ def _collapse(_token_texts, tokenizer, ids: list, per_token: Tensor, image_id: i
         i = j
     return tokens, torch.tensor(values, dtype=torch.float32)
 
-
-def image_total(exp) -> Optional[float]:
-    """The image's share of an image-text explanation (the sum of its pixel relevance)."""
-    return None if exp.image_relevance is None else float(exp.image_relevance.sum())

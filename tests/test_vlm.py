@@ -224,6 +224,16 @@ def test_explain_with_an_image(method, tmp_path):
     assert (tmp_path / "e.png").stat().st_size if exp.to_png(str(tmp_path / "e.png")) else False
     with pytest.raises(TypeError, match="needs the model's processor"):
         lxt.explain(model, processor.tokenizer, "the cat", image=image)
+    for bad, error, message in [(123, TypeError, "image must be a PIL image"),
+                                (str(tmp_path / "none.png"), ValueError, "image file not found"),
+                                (torch.zeros(5, 4, 4), ValueError, r"\(C, H, W\) float")]:
+        with pytest.raises(error, match=message):
+            lxt.explain(model, processor, "the cat", image=bad)
+    with pytest.raises(TypeError, match="non-empty str"):
+        lxt.explain(model, processor, "", image=image)
+    with torch.no_grad():  # explain turns gradients on for itself
+        assert lxt.explain(model, processor, "the cat", image=image).tokens == ["<image>", "the", "cat"]
+    assert_restored(model, snap)
 
 
 @pytest.mark.parametrize("engine", ["explicit", "gradient"])
