@@ -219,8 +219,11 @@ def _rms_norm(input, normalized_shape, weight=None, eps=None):
 
 def _exact(formula: Tensor, native: Tensor) -> Tensor:
     """``formula``'s gradient with ``native``'s values: a rule that differentiates a formula of
-    an op leaves the op's forward unchanged, bit for bit."""
-    return formula + (native - formula).detach()
+    an op leaves the op's forward unchanged, bit for bit, and in its memory layout (a
+    non-contiguous input gives torch's contiguous output, so the caller's ``.view`` works:
+    Idefics3's pixel shuffle after the vision tower's LayerNorm)."""
+    out = formula + (native - formula).detach()
+    return out.contiguous() if native.is_contiguous() and not out.is_contiguous() else out
 
 
 def _rms_norm_detached(input, normalized_shape, weight=None, eps=None):

@@ -96,7 +96,7 @@ def _layer_norm_std_detached(norm):
             out = out * norm.weight
         if norm.bias is not None:
             out = out + norm.bias
-        return out
+        return out.contiguous()  # nn.LayerNorm's output is contiguous (Idefics3 views it)
 
     return forward
 

@@ -80,8 +80,6 @@ FAMILIES = {
     "gemma": _decoder("gemma", "Gemma", one_plus_weight=True),
     "gemma2": _decoder("gemma2", "Gemma2", one_plus_weight=True),
     "gemma3_text": _decoder("gemma3", "Gemma3", one_plus_weight=True),
-    # Gemma3ForConditionalGeneration: its SigLIP tower too
-    "gemma3": _decoder("gemma3", "Gemma3", one_plus_weight=True, python_activations=True),
     "gpt2": _BERT,  # Conv1D projections: linear layers
     "bert": _BERT, "roberta": _BERT, "distilbert": _BERT,
     "vit": _vit("vit", "ViT"), "deit": _vit("deit", "DeiT"),  # 5.x: *MLP; 4.x: *Intermediate / *Output
@@ -94,7 +92,16 @@ FAMILIES = {
     # VLMs: the rows of their language model and vision tower (read off config.text_config /
     # vision_config); image features enter the text stream by masked_scatter, a data movement
     # whose gradient routes relevance unchanged (lxt.core.dispatch.COMPATIBLE)
-    "llava": _VLM, "llava_next": _VLM,
+    "llava": _VLM, "llava_next": _VLM, "paligemma": _VLM, "idefics3": _VLM, "smolvlm": _VLM,
+    "gemma3": _VLM,  # Gemma3ForConditionalGeneration: gemma3_text + siglip_vision_model
+    "qwen2_vl": _VLM, "qwen2_5_vl": _VLM,
+    # their towers and language models where they have classes of their own
+    "idefics3_vision": _ENCODER, "smolvlm_vision": _ENCODER,  # the pixel shuffle: reshapes
+    "qwen2_vl_text": Family(_HF.format("qwen2_vl"), "Qwen2VLRMSNorm", mlp="Qwen2MLP"),
+    "qwen2_vl_vision": _ENCODER,  # vision rotary: products with constants; the patch merger: an MLP
+    "qwen2_5_vl_text": Family(_HF.format("qwen2_5_vl"), "Qwen2_5_VLRMSNorm", mlp="Qwen2MLP"),
+    "qwen2_5_vl_vision": Family(_HF.format("qwen2_5_vl"), "Qwen2_5_VLRMSNorm", mlp="Qwen2_5_VLMLP",
+                                python_activations=True),  # gated vision MLP
     "torch": Family(),  # models built from torch modules (nn.MultiheadAttention, ...): the base map
     "structural": Family(python_activations=True, strict=True),  # read off the model: structural.py
 }
