@@ -1,6 +1,6 @@
 """Cost of AttnLRP explanations relative to plain input x gradient, same model, same inputs,
 same process: paired runs (each round calls the baseline and every method once), medians of
-N rounds after a warm-up round.  Four views of the cost:
+N rounds after a warm-up round.  Five views of the cost:
 
 * **per call** (``--lengths``): one explanation of an n-token input, on a registered model;
   time, and memory two ways: the bytes of all tensors kept for backward (saved tensors, model
@@ -13,10 +13,18 @@ N rounds after a warm-up round.  Four views of the cost:
   ``lxt.explain`` call; AttnLRP's first call against input x gradient's, in processes of
   their own (torch's one-time warm-up is in both);
 * **depth** (``--depths``): the first explanation (register included) of a tiny random Llama
-  with 2, 8, 30 layers, against its plain first gradient.
+  with 2, 8, 30 layers, against its plain first gradient;
+* **image-text** (``--image-text-runs``): a tiny random stock ``LlavaForConditionalGeneration``
+  (:func:`tiny_llava`, built offline with its processor) explaining the next token of a prompt
+  about a bundled photo, relevance of text tokens and pixels: AttnLRP and CP-LRP against input
+  x gradient, registered once (as the per-call rows: each method on its own registered copy,
+  the processed inputs reused) and through the one-call API (``lxt.explain(vlm, processor,
+  prompt, image=...)``, each call registering and restoring, as the notebook row; and the same
+  call given a composite registered once).
 
     lxt bench speed [--lengths 128 512 1024 4096] [--runs 5] [--explicit-up-to 1024]
-                    [--notebook-runs 5] [--first-call-runs 3] [--depths 2 8 30] [--json out.json]
+                    [--notebook-runs 5] [--first-call-runs 3] [--depths 2 8 30]
+                    [--image-text-runs 5] [--json out.json]
     .venv/bin/python benchmarks/speed.py ...   (the same)
 """
 from __future__ import annotations
@@ -88,6 +96,12 @@ def _storage_address(t) -> int:
 
 def saved_bytes(model, emb, target) -> int:
     """Bytes of the distinct storages kept for backward by one forward (weights excluded)."""
+    x = emb.clone().requires_grad_()
+    return _saved_by(model, lambda: model(inputs_embeds=x, use_cache=False, logits_to_keep=1).logits[0, -1, target])
+
+
+def _saved_by(model, forward) -> int:
+    """Bytes of the distinct storages that ``forward()`` keeps for backward (weights excluded)."""
     weights = {_storage_address(p) for p in model.parameters()}
     seen = {}
 
@@ -97,10 +111,9 @@ def saved_bytes(model, emb, target) -> int:
             seen[address] = t.untyped_storage().nbytes()
         return t
 
-    x = emb.clone().requires_grad_()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        logit = model(inputs_embeds=x, use_cache=False, logits_to_keep=1).logits[0, -1, target]
-    del logit
+        out = forward()
+    del out
     return sum(seen.values())
 
 
@@ -326,6 +339,144 @@ def depth_rows(depths, tokens: int = 16, runs: int = 3, log=print) -> list:
     return rows
 
 
+#: the tiny LLaVA's image token id (the last id of its vocabulary) and prompt
+LLAVA_IMAGE_TOKEN, LLAVA_PROMPT = 100, "the cat sat on the"
+
+
+def tiny_llava(seed: int = 0):
+    """A tiny random stock ``LlavaForConditionalGeneration`` (Llama text model: hidden 32, 2
+    layers, 4 heads, 2 key/value heads, vocabulary 101; CLIP vision tower: hidden 16, 2 layers,
+    16 x 16 pixels in 4 x 4 patches) and its stock ``LlavaProcessor``, built offline (a
+    word-level tokenizer with ``<image>`` at the image token id, the CLIP image processor at
+    16 x 16), float32, sdpa, eval mode, parameters frozen."""
+    import transformers as tr
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    torch.manual_seed(seed)
+    text = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, vocab_size=LLAVA_IMAGE_TOKEN + 1,
+                max_position_embeddings=128, initializer_range=0.2)
+    vision = dict(model_type="clip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=16, patch_size=4, projection_dim=16, initializer_factor=2.0)
+    cfg = tr.LlavaConfig(text_config=text, vision_config=vision, image_token_id=LLAVA_IMAGE_TOKEN,
+                         vision_feature_layer=-1, vision_feature_select_strategy="default")
+    for c in (cfg, cfg.text_config, cfg.vision_config):
+        c._attn_implementation = "sdpa"
+    model = tr.LlavaForConditionalGeneration(cfg).eval()
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2}
+    for w in "the a cat dog sat on mat in photo of is".split():
+        vocab.setdefault(w, len(vocab))
+    vocab.update({f"w{i}": i for i in range(len(vocab), LLAVA_IMAGE_TOKEN)})
+    vocab["<image>"] = LLAVA_IMAGE_TOKEN
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = tr.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                           eos_token="[EOS]", additional_special_tokens=["<image>"])
+    image_cls = getattr(tr, "CLIPImageProcessorPil", None) or tr.CLIPImageProcessor  # no torchvision needed
+    image_processor = image_cls(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    processor = tr.LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=4,
+                                  vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    return model, processor
+
+
+def vlm_call(model, batch, target, lrp: bool = True):
+    """One image-text explanation as ``explain(vlm, processor, prompt, image=)`` makes it, on
+    processed inputs: the text embeddings made a leaf by a forward hook (a VLM is called with
+    ``input_ids``), ``pixel_values`` a leaf, backward from the logit at the last position
+    (``lrp``: seeded with the logit, text relevance ``grad * embedding`` as explain takes it from
+    the gradient engine; otherwise input x gradient of text and pixels)."""
+    leaves = []
+
+    def leaf(module, args, out):
+        leaves.append(out.detach().requires_grad_())
+        return leaves[-1]
+
+    handle = model.get_input_embeddings().register_forward_hook(leaf)
+    try:
+        px = batch["pixel_values"].clone().requires_grad_()
+        logit = model(**{**batch, "pixel_values": px}, use_cache=False, logits_to_keep=1).logits[0, -1, target]
+    finally:
+        handle.remove()
+    logit.backward(logit.detach() if lrp else None)
+    emb = leaves[0]
+    return emb.grad * emb.detach(), px.grad if lrp else px.grad * px.detach()
+
+
+def vlm_saved_bytes(model, batch, target) -> int:
+    """:func:`saved_bytes` of :func:`vlm_call`'s forward."""
+    px = batch["pixel_values"].clone().requires_grad_()
+    return _saved_by(model, lambda: model(**{**batch, "pixel_values": px}, use_cache=False,
+                                          logits_to_keep=1).logits[0, -1, target])
+
+
+def image_text_row(runs: int = 5, log=print, image=None) -> dict:
+    """Paired rounds on :func:`tiny_llava`: AttnLRP and CP-LRP against input x gradient,
+    ``registered`` (raw calls on copies registered once), ``explain`` (the one-call API, each
+    call registering and restoring) and ``explain_registered`` (the same call on the copies
+    registered once, given their ``composite=``, which explain then uses as it is).  ``image``: a PIL image (default: the
+    bundled photo ``chelsea``)."""
+    import copy
+
+    import lxt
+    import lxt.composites
+
+    model, processor = tiny_llava()
+    if image is None:
+        from lxt_data import load_image
+
+        image = load_image("chelsea", size=48)
+    prompt = f"<image>{LLAVA_PROMPT}"
+    batch = dict(processor(text=[prompt], images=[image], return_tensors="pt"))
+    with torch.no_grad():  # the first call marks the vision tower (transformers' output capturing)
+        target = int(model(**batch, use_cache=False).logits[0, -1].argmax())
+    out = {"model": "tiny LlavaForConditionalGeneration (Llama 2 x 32, CLIP 2 x 16)", "image_px": [16, 16],
+           "tokens": int(batch["input_ids"].shape[1]), "runs": runs}
+    factories = {"attnlrp": lxt.composites.attnlrp, "cp-lrp": lxt.composites.cp_lrp}
+
+    def explain(m, method, composite=None):
+        return lambda: lxt.explain(m, processor, LLAVA_PROMPT, image=image, method=method, composite=composite)
+
+    def ratios(res) -> dict:
+        row = {"grad_s": res["grad"]["s"], "grad_peak_mb": res["grad"]["peak_mb"]}
+        for name in factories:
+            row[f"{name}_s"], row[f"{name}_time_ratio"] = res[name]["s"], res[name]["time_ratio"]
+            row[f"{name}_peak_mb"] = res[name]["peak_mb"]
+        return row
+
+    copies = {k: copy.deepcopy(model) for k in factories}
+    comps = {k: f(copies[k]) for k, f in factories.items()}
+    try:
+        for name, comp in comps.items():
+            comp.register(copies[name])
+        fns = {"grad": lambda: vlm_call(model, batch, target, lrp=False)}
+        fns.update({k: (lambda m=copies[k]: vlm_call(m, batch, target)) for k in comps})
+        out["registered"] = row = ratios(paired(fns, runs))
+        row["grad_saved_mb"] = vlm_saved_bytes(model, batch, target) / 2**20
+        for name in comps:
+            row[f"{name}_saved_mb"] = vlm_saved_bytes(copies[name], batch, target) / 2**20
+            row[f"{name}_saved_ratio"] = row[f"{name}_saved_mb"] / max(row["grad_saved_mb"], 1e-9)
+        # the one-call API given a composite registered once (explain uses it as it is)
+        fns = {"grad": explain(model, "input_x_gradient")}
+        fns.update({k: explain(copies[k], k, comps[k]) for k in comps})
+        out["explain_registered"] = ratios(paired(fns, runs))
+    finally:
+        for comp in comps.values():
+            comp.remove()
+    # the one-call API as a user calls it: each call registers and restores the model
+    fns = {"grad": explain(model, "input_x_gradient"), **{k: explain(model, k) for k in factories}}
+    out["explain"] = ratios(paired(fns, runs))
+    for view, label in (("registered", "registered once"), ("explain_registered", "explain(composite=registered)"),
+                        ("explain", "explain()")):
+        r = out[view]
+        log(f"image-text, tiny LLaVA ({out['tokens']} tokens, 16x16 px), {label:29s} | x*grad {r['grad_s']*1e3:6.1f} ms | "
+            + " | ".join(f"{k} {r[f'{k}_s']*1e3:6.1f} ms, {r[f'{k}_time_ratio']:.2f}x" for k in factories)
+            + (" | " + ", ".join(f"{k} {r[f'{k}_saved_ratio']:.2f}x saved" for k in factories)
+               if view == "registered" else ""))
+    return out
+
+
 def main(argv=None, reexec: bool = False):
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and (argv is None or reexec):
         # fixed mmap threshold: large tensors are returned to the OS when freed (RSS = live)
@@ -343,15 +494,20 @@ def main(argv=None, reexec: bool = False):
     p.add_argument("--first-call-runs", type=int, default=3,
                    help="fresh processes per method for the first-call row (0: skip)")
     p.add_argument("--depths", type=int, nargs="*", default=[2, 8, 30], help="tiny Llama depths (none: skip)")
+    p.add_argument("--image-text-runs", type=int, default=5,
+                   help="paired rounds of the image-text row, a tiny LLaVA (0: skip)")
     p.add_argument("--first-call-child", help=argparse.SUPPRESS)
     p.add_argument("--json")
     args = p.parse_args(argv)
     if args.first_call_child:
         return _first_call_child(args.first_call_child)
-    from lxt_data import load_smollm2
+    model = tok = None
+    if args.lengths or args.notebook_runs:  # the rows on SmolLM2
+        from lxt_data import load_smollm2
 
-    model, tok = load_smollm2()
-    print(f"SmolLM2-135M float32, {torch.get_num_threads()} threads; medians of {args.runs} runs; "
+        model, tok = load_smollm2()
+    print(f"{'SmolLM2-135M float32, ' if model is not None else ''}{torch.get_num_threads()} threads; medians of "
+          f"{args.runs} runs{f' ({args.image_text_runs} for the image-text row)' if args.image_text_runs else ''}; "
           "ratios against input x gradient in this run")
     info = {"machine": platform.machine(), "cpus": psutil.cpu_count(), "torch": torch.__version__,
             "transformers": __import__("transformers").__version__, "threads": torch.get_num_threads(),
@@ -367,6 +523,8 @@ def main(argv=None, reexec: bool = False):
         info["first_call"] = first_calls(args.first_call_runs)
     if args.depths:
         info["depth"] = depth_rows(args.depths)
+    if args.image_text_runs:
+        info["image_text"] = image_text_row(args.image_text_runs)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(info, f, indent=2)

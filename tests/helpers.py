@@ -48,3 +48,31 @@ def forward_refused(model):
         yield
     finally:
         handle.remove()
+
+
+def vlm_relevance(model, batch, target, lrp: bool, gradient_engine: bool = False):
+    """A vision-language model's relevance (``lrp``: the composite's, started with the explained
+    logit; else input x gradient) per text token and per element of ``pixel_values``: the input
+    embeddings' output made a leaf by a forward hook (the model is called with input_ids, as a
+    VLM must be), pixel_values a leaf.  Returns (text, pixels, logits, explained value)."""
+    leaves = []
+
+    def hook(module, args, out):
+        leaves.append(out.detach().requires_grad_())
+        return leaves[-1]
+
+    handle = model.get_input_embeddings().register_forward_hook(hook)
+    try:
+        px = batch["pixel_values"].detach().clone().requires_grad_()
+        out = model(**{**batch, "pixel_values": px}, use_cache=False).logits
+        value = out[0, -1, target]
+        value.backward(value.detach() if lrp else torch.ones_like(value))
+    finally:
+        handle.remove()
+    emb = leaves[0]
+    if lrp:
+        text = emb.grad * emb.detach() if gradient_engine else emb.grad
+        pixels = px.grad
+    else:
+        text, pixels = emb.grad * emb.detach(), px.grad * px.detach()
+    return text.detach().sum(-1)[0], pixels.detach(), out.detach(), float(value.detach())

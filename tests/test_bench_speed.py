@@ -40,3 +40,32 @@ def test_notebook_and_depth_rows_structure():
     assert out["grad_s"] > 0 and out["attnlrp_time_ratio"] > 0 and out["cp-lrp_time_ratio"] > 0
     rows = depth_rows([2, 3], tokens=4, runs=1, log=lines.append)
     assert [r["layers"] for r in rows] == [2, 3] and all(r["attnlrp_first_s"] > 0 for r in rows)
+
+
+def test_image_text_row_structure():
+    """The image-text row on its tiny LLaVA: every view and method measured (no timing
+    assertions), the relevance reaching text tokens and pixels, the model left unpatched."""
+    from lxt_bench.speed import LLAVA_PROMPT, image_text_row, tiny_llava, vlm_call
+
+    lines = []
+    out = image_text_row(runs=1, log=lines.append)
+    assert len(lines) == 3 and out["tokens"] == 16 + len(LLAVA_PROMPT.split())
+    for view in ("registered", "explain_registered", "explain"):
+        assert out[view]["grad_s"] > 0
+        for name in ("attnlrp", "cp-lrp"):
+            assert out[view][f"{name}_s"] > 0 and out[view][f"{name}_time_ratio"] > 0
+    assert all(out["registered"][f"{n}_saved_mb"] > 0 for n in ("grad", "attnlrp", "cp-lrp"))
+
+    import lxt.composites
+
+    model, processor = tiny_llava()
+    from PIL import Image
+
+    batch = dict(processor(text=["<image>" + LLAVA_PROMPT], images=[Image.new("RGB", (20, 20), (90, 30, 200))],
+                           return_tensors="pt"))
+    with torch.no_grad():
+        model(**batch)
+    with lxt.composites.attnlrp(model).context(model):
+        text, pixels = vlm_call(model, batch, 3)
+    assert text.abs().sum() > 0 and pixels.abs().sum() > 0
+    assert not any(type(m).__module__.startswith("lxt") for m in model.modules())

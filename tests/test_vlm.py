@@ -10,7 +10,7 @@ import torch
 import transformers as tr
 
 import lxt
-from helpers import assert_restored, snapshot
+from helpers import assert_restored, snapshot, vlm_relevance
 from reference import EPS, assert_relevance_close, reference_model
 from models import zero_biases, zero_position_embeddings
 
@@ -41,29 +41,9 @@ def llava_inputs(seed=1):
 
 
 def relevance(model, inputs, target, lrp: bool, gradient_engine: bool = False):
-    """Per text token and per pixel: the input embeddings' output made a leaf by a forward hook
-    (the model is called with input_ids, as a VLM must be), pixel_values a leaf."""
-    leaves = []
-
-    def hook(module, args, out):
-        leaves.append(out.detach().requires_grad_())
-        return leaves[-1]
-
-    handle = model.get_input_embeddings().register_forward_hook(hook)
-    try:
-        px = inputs["pixel_values"].detach().clone().requires_grad_()
-        out = model(**{**inputs, "pixel_values": px}).logits
-        value = out[0, -1, target]
-        value.backward(value.detach() if lrp else torch.ones_like(value))
-    finally:
-        handle.remove()
-    emb = leaves[0]
-    if lrp:
-        text = emb.grad * emb.detach() if gradient_engine else emb.grad
-        pixels = px.grad
-    else:
-        text, pixels = emb.grad * emb.detach(), px.grad * px.detach()
-    return text.detach().sum(-1)[0], pixels.detach().sum(1)[0], out.detach(), float(value.detach())
+    """Per text token and per pixel (pixel_values' relevance summed over colour channels)."""
+    text, pixels, out, value = vlm_relevance(model, inputs, target, lrp, gradient_engine)
+    return text, pixels.sum(1)[0], out, value
 
 
 @pytest.mark.parametrize("method,engine,attn", [("attnlrp", "gradient", "sdpa"), ("attnlrp", "explicit", "eager"),
@@ -276,3 +256,8 @@ def test_command_line_with_an_image(tmp_path, capsys):
     assert row["tokens"][0] == "<image>" and len(row["image_relevance"]) == 16
     assert main(["explain", "the cat", "--image", str(image)]) != 0
     assert "--image needs --model" in capsys.readouterr().err
+    # --generate N: one JSON line per generated token
+    rc = main(["explain", "the cat sat on", "--model", str(folder), "--image", str(image), "--quiet",
+               "--generate", "2", "--jsonl", str(out / "g.jsonl")])
+    rows = [json.loads(line) for line in (out / "g.jsonl").read_text().splitlines()]
+    assert rc == 0 and len(rows) == 2 and len(rows[1]["tokens"]) == len(rows[0]["tokens"]) + 1

@@ -20,7 +20,24 @@ The rules, and why each conserves (AttnLRP, Achtibat et al. 2024; CP-LRP, Ali et
 - MoE experts (:class:`lxt.modules.MoEExperts`): routing weight times expert output is a
   product (uniform; CP-LRP: the weight is a constant);
 - ViT: the gamma rule on the patch convolution and the MLP linears (AttnLRP appendix, noise in
-  ViTs), parameters ``conv_gamma`` / ``mlp_gamma``.
+  ViTs), parameters ``conv_gamma`` / ``mlp_gamma``;
+- a dual encoder's similarity logit (CLIP, SigLIP, SigLIP2), ``t / |t| @ (i / |i|)^T *
+  exp(logit_scale) (+ logit_bias)``: each normalisation a division by a constant (identity on
+  the numerator; the norm, ``torch.sum`` and ``** 0.5`` or ``Tensor.norm``, is then off the
+  relevance path), the text-image product a matmul of two variables (uniform: half of the
+  relevance to each tower), ``exp(logit_scale)`` a constant scale, ``logit_bias`` a constant
+  summand that absorbs its share (epsilon);
+- SigLIP's attention-pooling head (``nn.MultiheadAttention``, a learned probe as the one
+  query): the probe's query is a constant of ``q k^T``, so the keys keep that product's whole
+  share (epsilon), the values half of ``A v`` (uniform); SigLIP2's padding mask is a constant;
+- vision-language models (a row with ``parts``: their language model's row and their vision
+  tower's): image features enter the text stream by ``masked_scatter`` / index writes, data
+  movements (each output element is one input element: the gradient routes relevance
+  unchanged, the overwritten image-token embeddings get none); projectors are MLPs (epsilon,
+  identity on the activation), Gemma 3's average pooling is epsilon on a sum; Qwen's patch
+  merger and Idefics3's pixel shuffle are reshapes before an MLP; Qwen's vision rotary
+  multiplies by constants (a scale); LLaVA-NeXT's ``image_newline`` is a constant input that
+  absorbs its share like a bias.
 """
 from __future__ import annotations
 
@@ -88,6 +105,9 @@ FAMILIES = {
     # towers' pooling heads are the base map's (a selection, nn.MultiheadAttention, a mean)
     "clip": _ENCODER, "clip_vision_model": _ENCODER, "clip_text_model": _ENCODER,
     "siglip": _ENCODER, "siglip_vision_model": _ENCODER, "siglip_text_model": _ENCODER,
+    # NaFlex: a linear patch embedding; position embeddings resized (a constant, interpolated);
+    # the pooling head's padding mask: a constant of its attention
+    "siglip2": _ENCODER, "siglip2_vision_model": _ENCODER, "siglip2_text_model": _ENCODER,
     "dinov2": _ENCODER,
     # VLMs: the rows of their language model and vision tower (read off config.text_config /
     # vision_config); image features enter the text stream by masked_scatter, a data movement
