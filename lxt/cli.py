@@ -65,17 +65,27 @@ def _parser() -> argparse.ArgumentParser:
                    "(default: the last token; a masked LM: the prompt's mask token)")
     e.add_argument("--image", metavar="FILE", help="an image: explain a vision-language model's next "
                    "token over the prompt and the image (--model: a local VLM folder with its "
-                   "processor, e.g. LLaVA)")
+                   "processor, e.g. LLaVA, Qwen2-VL), or a CLIP / SigLIP folder's similarity of the "
+                   "prompt and the image")
+    e.add_argument("--positional", action="store_true",
+                   help="positional relevance (PA-LRP): the model's positional encodings (rotary, "
+                   "learned position and token-type embeddings) get relevance of their own, "
+                   "reported per position beside the tokens")
     e.add_argument("--html", help="write the heatmap as an HTML page")
     e.add_argument("--png", help="write the heatmap as a PNG image")
+    e.add_argument("--sink", choices=["inline", "separate"], default="inline",
+                   help="separate: draw the first token apart in the heatmaps (boxed, with its "
+                   "share of |relevance|) and colour the other tokens on their own scale; the "
+                   "first token's relevance stays part of the explanation (attention sink; see "
+                   "README)")
     e.add_argument("--jsonl", help="write one JSON object per explanation; with --file, "
                    "records are written as they finish and a rerun skips those already there")
     e.add_argument("--device-map", help="spread a model folder over the devices with "
                    "accelerate (e.g. auto; see README: offloading)")
     e.add_argument("--quiet", action="store_true", help="do not print heatmaps")
     b = sub.add_parser("bench", help="benchmarks: `lxt bench speed ...`, `lxt bench faithfulness ...`, "
-                       "`lxt bench engines ...` (each has its own --help)")
-    b.add_argument("which", choices=["speed", "faithfulness", "engines"])
+                       "`lxt bench engines ...`, `lxt bench sink ...` (each has its own --help)")
+    b.add_argument("which", choices=["speed", "faithfulness", "engines", "sink"])
     b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the benchmark")
     return p
 
@@ -306,11 +316,13 @@ def _explain(args) -> int:
     texts = [_messages(args, p) for _, p, _ in prompts]
     try:
         if args.generate:
-            exps = explain(model, tok, texts[0], generate=args.generate, method=method, steps=args.steps)
+            exps = explain(model, tok, texts[0], generate=args.generate, method=method, steps=args.steps,
+                           positional=args.positional)
         else:
             exps = explain(model, tok, texts, target=args.target, contrast=args.contrast,
                            method=method, steps=args.steps, batch_size=args.batch_size,
-                           progress=len(texts) > args.batch_size, position=args.position)
+                           progress=len(texts) > args.batch_size, position=args.position,
+                           positional=args.positional)
     except (ValueError, TypeError) as err:
         raise UserError(str(err).removeprefix("lxt: ")) from err
     bad = [e for e in exps if _not_finite(e)]
@@ -383,16 +395,20 @@ def _not_finite(e) -> bool:
     return not (torch.isfinite(e.relevance).all() and math.isfinite(e.logit))
 
 
+#: model types whose --image explanation is the similarity logit of the prompt and the image
+DUAL_ENCODERS = ("clip", "siglip", "siglip2")
+
+
 def _explain_image_text(args, method) -> int:
-    """``--image FILE``: one prompt, one image, a VLM folder."""
+    """``--image FILE``: one prompt (``--chat``: a user message), one image, a VLM folder; the
+    next token, or ``--generate N`` tokens."""
     from .explain import explain
 
     if args.model is None:
-        raise UserError("--image needs --model FOLDER: a local vision-language model (LLaVA, PaliGemma, "
-                        "Gemma 3) saved with its processor")
-    if args.file or args.chat or args.generate or args.position is not None:
-        raise UserError("--image explains the next token of one prompt (no --file, --chat, --generate "
-                        "or --position yet)")
+        raise UserError("--image needs --model FOLDER: a local vision-language model (LLaVA, Qwen2-VL, "
+                        "Idefics3, ...) saved with its processor")
+    if args.file or args.position is not None:
+        raise UserError("--image explains one prompt (no --file or --position yet)")
     if args.prompt is None or not args.prompt.strip():
         raise UserError("--image needs a prompt")
     if not Path(args.image).is_file():
@@ -401,44 +417,49 @@ def _explain_image_text(args, method) -> int:
     if not (folder / "config.json").is_file():
         raise UserError(f"model not found: {args.model} (give a local model folder with config.json)")
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor
 
-    try:
+    try:  # a dual encoder (CLIP, SigLIP): its similarity logit; else a VLM's next token
+        dual = json.loads((folder / "config.json").read_text()).get("model_type") in DUAL_ENCODERS
         processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
-        model = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True,
-                                                            dtype=getattr(torch, args.dtype)).eval()
+        loader = AutoModel if dual else AutoModelForImageTextToText
+        model = loader.from_pretrained(folder, local_files_only=True, dtype=getattr(torch, args.dtype)).eval()
     except (OSError, ValueError, KeyError) as err:
         raise UserError(f"cannot load a vision-language model and its processor from {args.model}: "
                         f"{err}") from err
     try:
-        exp = explain(model, processor, args.prompt, image=args.image, target=args.target,
-                      contrast=args.contrast, method=method)
+        exps = explain(model, processor, _messages(args, args.prompt), image=args.image, target=args.target,
+                       contrast=args.contrast, method=method, generate=args.generate,
+                       positional=args.positional)
     except (ValueError, TypeError) as err:
         raise UserError(str(err).removeprefix("lxt: ")) from err
-    _write_outputs(args, [exp])
+    exps = exps if isinstance(exps, list) else [exps]
+    _write_outputs(args, exps)
     if args.jsonl:
         _check_single_output(args.jsonl)
         Path(args.jsonl).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.jsonl).write_text(json.dumps(exp.to_dict(), allow_nan=False) + "\n", encoding="utf-8")
+        Path(args.jsonl).write_text("".join(json.dumps(e.to_dict(), allow_nan=False) + "\n" for e in exps),
+                                    encoding="utf-8")
         print(f"explanation (JSON): {args.jsonl}")
     return 0
 
 
 def _write_outputs(args, exps) -> None:
     """Heatmaps: in the terminal (unless --quiet), --html (all), --png (the last)."""
+    sink = getattr(args, "sink", "inline")
     if not args.quiet:
         for e in exps:
-            e.show()
+            e.show(sink=sink)
             print()
     from . import viz
 
     if args.html and exps:
         Path(args.html).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.html).write_text(viz.html_page(exps), encoding="utf-8")
+        Path(args.html).write_text(viz.html_page(exps, sink), encoding="utf-8")
         print(f"heatmap (HTML): {args.html}")
     if args.png and exps:
         Path(args.png).parent.mkdir(parents=True, exist_ok=True)
-        exps[-1].to_png(args.png)
+        exps[-1].to_png(args.png, sink=sink)
         print(f"heatmap (PNG): {args.png}")
 
 
@@ -522,7 +543,8 @@ def _explain_corpus(args, method, prompts) -> int:
                 exps = explain(model, tok, [_messages(args, t) for t in texts],
                                target=args.target, contrast=args.contrast,
                                method=method, steps=args.steps, batch_size=len(texts),
-                               progress=False, position=args.position)
+                               progress=False, position=args.position,
+                               positional=getattr(args, "positional", False))
             except (ValueError, TypeError) as err:
                 if len(texts) > 1:
                     return [x for t in texts for x in run_explain([t])]
@@ -592,6 +614,10 @@ def main(argv=None) -> int:
                 return bench_main(args.rest, reexec=True)
             if args.which == "engines":
                 from lxt_bench.engines import main as bench_main
+
+                return bench_main(args.rest)
+            if args.which == "sink":
+                from lxt_bench.sink import main as bench_main
 
                 return bench_main(args.rest)
             from lxt_bench.faithfulness import main as bench_main

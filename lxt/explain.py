@@ -35,7 +35,8 @@ class Explanation:
         float32, on the CPU.  For LRP methods it sums (up to absorbed bias terms) to
         :attr:`logit`.
     target : str or int
-        The explained output: a token string (language models) or a class index.
+        The explained output: a token string (language models), a class index, or the text
+        scored against the image (dual encoders).
     target_id : int
         Its index in the output.
     logit : float
@@ -62,12 +63,23 @@ class Explanation:
     image_relevance : Tensor, optional
         Text with an image (``explain(vlm, processor, prompt, image=...)``): per-pixel
         relevance ``(H, W)`` of the image as the model saw it (:attr:`image`, after the
-        processor's resize and crop); its sum is the ``<image>`` entry of :attr:`relevance`.
+        processor's resize and crop; tiled views resampled onto one frame, see
+        :mod:`lxt.multimodal`); its sum is that of the ``<image>`` entries of :attr:`relevance`.
     in_user_message : list of bool, optional
         Chat messages: per entry of :attr:`tokens`, whether it is part of a user message's
         content (the rest is the chat template: role headers, special tokens, a system
         message).  ``None`` for other inputs, or where the user's text cannot be located in
         the rendered conversation (a template that rewrites it; a tokenizer without offsets).
+    position_relevance : Tensor, optional
+        With ``positional=True``: per-position relevance ``(T,)`` (float32, CPU) of the
+        model's positional encodings (rotary cos / sin, learned position embeddings; images:
+        per patch position, the class token's first), beside :attr:`relevance`, which is then
+        what remains on the tokens themselves (PA-LRP, :mod:`lxt.positional`).  ``None``
+        without the option.
+    token_type_relevance : Tensor, optional
+        With ``positional=True`` on a model with token-type embeddings (BERT): their relevance
+        per position ``(T,)``.  With biases zeroed, CP-LRP conserves over :attr:`relevance`,
+        :attr:`position_relevance` and this together.
     """
 
     tokens: Optional[list]
@@ -84,8 +96,30 @@ class Explanation:
     partial: Optional[str] = None
     in_user_message: Optional[list] = None
     image_relevance: Optional[Tensor] = None
+    position_relevance: Optional[Tensor] = None
+    token_type_relevance: Optional[Tensor] = None
 
     # ------------------------------------------------------------------ views
+    @property
+    def first_token_share(self) -> float:
+        """The first token's share of the total absolute relevance, ``|R_0| / sum_i |R_i|``
+        over :attr:`relevance` (0 when all relevance is 0); text explanations only.
+
+        The first token (a BOS, or the first word) can take a large share: models park
+        attention on it (an attention sink) and the value path through it carries relevance
+        (SmolLM2-135M, median over the shipped prompts: 0.47 with CP-LRP, 0.08 with AttnLRP;
+        ``lxt bench sink``).  It is part of the explanation; ``to_html(sink="separate")`` /
+        ``to_png(..., sink="separate")`` draw it apart so that the other tokens' contrast
+        shows.  The signed share is ``relevance[0] / relevance.abs().sum()``; with
+        ``positional=True`` this is the share among the tokens, and position 0's relevance is
+        ``position_relevance[0]``.
+        """
+        if self.tokens is None:
+            raise ValueError("lxt: first_token_share is for text explanations (an image has no first token).")
+        r = self.relevance.detach().double().reshape(-1)
+        total = float(r.abs().sum())
+        return abs(float(r[0])) / total if total > 0 else 0.0
+
     def top(self, k: int = 5) -> list:
         """The ``k`` most relevant tokens as ``(token, relevance)`` pairs."""
         if self.tokens is None:
@@ -108,40 +142,52 @@ class Explanation:
             "partial": self.partial,
             "in_user_message": self.in_user_message,
             "image_relevance": None if self.image_relevance is None else self.image_relevance.tolist(),
+            "position_relevance": None if self.position_relevance is None else self.position_relevance.tolist(),
+            "token_type_relevance": (None if self.token_type_relevance is None
+                                     else self.token_type_relevance.tolist()),
         }
 
-    def show(self) -> None:
-        """Coloured tokens in the terminal (HTML in a notebook); image overlay for images."""
+    def show(self, sink: str = "inline") -> None:
+        """Coloured tokens in the terminal (HTML in a notebook); image overlay for images.
+        ``sink``: as in :meth:`to_html`."""
         from . import viz
 
         if self.tokens is None:
+            viz._separate(self, sink)
             return viz.show_image(self)
         try:  # pragma: no cover - notebooks only
             from IPython import get_ipython
             from IPython.display import HTML, display
 
             if get_ipython() is not None and "IPKernelApp" in get_ipython().config:
-                return display(HTML(viz.html_fragment(self)))
+                return display(HTML(viz.html_fragment(self, sink)))
         except ImportError:
             pass
-        print(viz.terminal(self))
+        print(viz.terminal(self, sink))
 
-    def to_html(self, path: Optional[str] = None) -> str:
+    def to_html(self, path: Optional[str] = None, sink: str = "inline") -> str:
         """A standalone HTML page (tokens coloured red / blue on a symmetric scale); written to
-        ``path`` when given, returned in any case."""
+        ``path`` when given, returned in any case.
+
+        ``sink="separate"`` draws the first token apart: boxed, with its share of the total
+        absolute relevance written beside it (:attr:`first_token_share`), the colours of the
+        other tokens scaled by them alone, and a caption saying what the first token's
+        relevance means (``lxt.viz.SINK_NOTE``).  Nothing is hidden or removed: the values,
+        and their sum, are the same.  Default ``"inline"``: every token on one scale."""
         from . import viz
 
-        page = viz.html_page([self])
+        page = viz.html_page([self], sink)
         if path is not None:
             with open(path, "w", encoding="utf-8") as f:
                 f.write(page)
         return page
 
-    def to_png(self, path: str) -> str:
-        """A PNG heatmap (tokens, or the image overlay); returns ``path``."""
+    def to_png(self, path: str, sink: str = "inline") -> str:
+        """A PNG heatmap (tokens, or the image overlay); returns ``path``.  ``sink``: as in
+        :meth:`to_html` (text only)."""
         from . import viz
 
-        return viz.png(self, path)
+        return viz.png(self, path, sink)
 
     def __repr__(self):
         what = f"{len(self.tokens)} tokens" if self.tokens is not None else f"image {tuple(self.relevance.shape)}"
@@ -727,11 +773,34 @@ def _short(prompt: str, n: int = 40) -> str:
 
 
 def _explain_text_batch(model, tokenizer, texts, targets, contrast, method, steps, layers,
-                        positions, partial=False):
+                        positions, partial=False, sources=None):
     kind = _kind(model)
     ids, mask = _batch(tokenizer, [t.ids for t in texts], kind == "causal" or _pools_last_token(model, kind))
     return _explain_ids(model, tokenizer, ids, mask, [t.prompt for t in texts], targets, contrast,
-                        method, steps, layers, kind, positions, partial, [t.user for t in texts])
+                        method, steps, layers, kind, positions, partial, [t.user for t in texts],
+                        sources=sources)
+
+
+def _attached(sources, batch_size, method):
+    """The positional sources' hooks for one forward and backward (``sources=None``: none)."""
+    return contextlib.nullcontext() if sources is None else sources.attached(batch_size, method)
+
+
+def _positional_rows(rel: dict, b: int, keep: Optional[Tensor], groups: Optional[list]) -> tuple:
+    """``(position_relevance, token_type_relevance)`` of sequence ``b`` from the per-kind
+    ``(batch, T)`` relevance of :meth:`lxt.positional.PositionalSources.relevance` (rotary and
+    learned positions together), float32 on the CPU; ``None`` for a kind the model lacks."""
+    def row(kinds):
+        parts = [rel[k] for k in kinds if k in rel]
+        if not parts:
+            return None
+        t = sum(parts)
+        t = t[b if t.shape[0] > 1 else 0].detach().float().cpu()
+        if keep is not None:
+            t = t[keep.cpu()]
+        return t if groups is None else _merged(t, groups)
+
+    return row(("rotary", "position")), row(("token_type",))
 
 
 def _uncovered(model, method: str, partial: bool) -> Optional[str]:
@@ -758,7 +827,7 @@ def _uncovered(model, method: str, partial: bool) -> Optional[str]:
 
 
 def _explain_ids(model, tokenizer, ids, mask, prompts, targets, contrast, method, steps, layers,
-                 kind, positions, partial=False, users=None):
+                 kind, positions, partial=False, users=None, sources=None):
     limit = _context_length(model)
     if limit is not None and ids.shape[1] > limit:
         raise ValueError(f"lxt: the prompt is {ids.shape[1]} tokens, longer than the model's context of {limit}.")
@@ -773,7 +842,9 @@ def _explain_ids(model, tokenizer, ids, mask, prompts, targets, contrast, method
         raise ValueError("lxt: the input embeddings contain NaN or inf (check the model's "
                          "embedding weights); relevance would be NaN.")
     store: dict = {}
-    with _latent_hooks(model, layers, store, bypassed=emb_layer), _pad_id_set(model, tokenizer, ids, kind):
+    pos_rel: dict = {}
+    with _latent_hooks(model, layers, store, bypassed=emb_layer), _pad_id_set(model, tokenizer, ids, kind), \
+            _attached(sources, ids.shape[0], method):
         if method == "integrated_gradients":
             grads = torch.zeros_like(base, dtype=torch.float32)
             for a in (torch.arange(steps, dtype=torch.float32) + 0.5) / steps:  # midpoint rule
@@ -797,6 +868,8 @@ def _explain_ids(model, tokenizer, ids, mask, prompts, targets, contrast, method
             else:
                 values.sum().backward()
                 rel_full = x.grad.float() * (x.detach().float() if method == "input_x_gradient" else 1.0)
+            if sources is not None:  # PA-LRP: what the positional encodings received
+                pos_rel = sources.relevance(gradient_engine(model))
     if method == "gradient":
         per_token = rel_full.norm(dim=-1)
     else:
@@ -810,6 +883,7 @@ def _explain_ids(model, tokenizer, ids, mask, prompts, targets, contrast, method
                   else v[b] for k, v in store.items()}
         pos = positions[b]
         user = users[b] if users is not None else None
+        position_rel, token_type_rel = _positional_rows(pos_rel, b, keep, groups)
         out.append(Explanation(
             tokens=toks, relevance=_merged(per_token[b][keep].detach().cpu(), groups),
             target=tokenizer.decode([tid[b]]) if lm else tid[b], target_id=tid[b],
@@ -817,7 +891,8 @@ def _explain_ids(model, tokenizer, ids, mask, prompts, targets, contrast, method
             contrast=None if cid[b] is None else (tokenizer.decode([cid[b]]) if lm else cid[b]),
             latent=latent, position=None if pos is None else next(g for g, idx in enumerate(groups) if pos in idx),
             partial=missing if method in LRP_METHODS else None,
-            in_user_message=None if user is None else [any(user[j] for j in g) for g in groups]))
+            in_user_message=None if user is None else [any(user[j] for j in g) for g in groups],
+            position_relevance=position_rel, token_type_relevance=token_type_rel))
     return out
 
 
@@ -888,7 +963,7 @@ def _select(logits, rows, targets, contrast):
 
 # ---------------------------------------------------------------------- images
 def _explain_image(model, pixel_values, target, method, steps, layers, composite, partial=False,
-                   contrast=None):
+                   contrast=None, sources=None):
     if pixel_values.dim() == 3:
         pixel_values = pixel_values[None]
     if pixel_values.dim() != 4 or pixel_values.shape[0] != 1:
@@ -901,7 +976,8 @@ def _explain_image(model, pixel_values, target, method, steps, layers, composite
     param = next(model.parameters())
     base = pixel_values.to(param.device, param.dtype)
     store: dict = {}
-    with _patched(model, method, composite), _latent_hooks(model, layers, store):
+    pos_rel: dict = {}
+    with _patched(model, method, composite), _latent_hooks(model, layers, store), _attached(sources, 1, method):
         def run(x):
             logits = _image_logits(model, x)
             values, tids, _, parts = _select(logits, [None], [target], contrast)
@@ -927,12 +1003,16 @@ def _explain_image(model, pixel_values, target, method, steps, layers, composite
             else:
                 v.backward()
                 rel = x.grad.float() * (x.detach().float() if method == "input_x_gradient" else 1.0)
+            if sources is not None:  # PA-LRP: per patch position (the class token's first)
+                pos_rel = sources.relevance(gradient_engine(model))
     per_pixel = rel[0].norm(dim=0) if method == "gradient" else rel[0].sum(0)
+    position_rel, token_type_rel = _positional_rows(pos_rel, 0, None, None)
     return Explanation(tokens=None, relevance=per_pixel.detach().cpu(), target=tid, target_id=tid,
                        logit=float(v.detach()), method=method, contrast=contrast,
                        latent={k: v_[0] for k, v_ in store.items()},
                        partial=missing if method in LRP_METHODS else None,
-                       image=pixel_values[0].detach().float().cpu())
+                       image=pixel_values[0].detach().float().cpu(),
+                       position_relevance=position_rel, token_type_relevance=token_type_rel)
 
 
 def _image_logits(model, x):
@@ -1020,7 +1100,7 @@ def explain(model: nn.Module, tokenizer=None, inputs=None, *, target=None, contr
             generate: int = 0, method: str = "attnlrp", steps: int = 50,
             layers: Optional[Sequence[str]] = None, batch_size: int = 8,
             composite=None, progress: Optional[bool] = None, position: Optional[int] = None,
-            partial: bool = False, image=None):
+            partial: bool = False, image=None, positional: bool = False):
     """Explain a prediction with one forward and one backward pass.
 
     Every argument is checked before the model runs; a bad one raises ``TypeError`` or
@@ -1085,6 +1165,25 @@ def explain(model: nn.Module, tokenizer=None, inputs=None, *, target=None, contr
         (after the forward, before the backward).  ``partial=True`` returns the result
         anyway, with :attr:`Explanation.partial` saying what it lacks.  A ``strict``
         composite refuses in any case.
+    positional : bool
+        Positional relevance (PA-LRP, Bakish et al. 2025; :mod:`lxt.positional`): the model's
+        positional encodings (rotary cos / sin, learned position and token-type embeddings)
+        become relevance sources of their own, reported per position in
+        :attr:`Explanation.position_relevance` (and :attr:`Explanation.token_type_relevance`);
+        :attr:`Explanation.relevance` is then what remains on the tokens.  For the LRP
+        methods and the ``input_x_gradient`` / ``gradient`` baselines (positional input times
+        gradient, gradient norm); refused for ``integrated_gradients``, for image= and for a
+        model without positional encodings.  Under CP-LRP rotary encodings get no relevance
+        (they act only through the attention weights, which CP-LRP holds constant).
+    image : PIL image, file path, ``(H, W, C)`` uint8 array or ``(C, H, W)`` tensor, optional
+        With a vision-language model (LLaVA, LLaVA-NeXT, PaliGemma, Gemma 3, Qwen2-VL,
+        Qwen2.5-VL, Idefics3, SmolVLM) and its processor as ``tokenizer``: explain the next
+        token (or ``generate=`` tokens; ``target=`` / ``contrast=`` as for text) of the prompt
+        (or conversation) about the image, over the text tokens and the image's pixels
+        (:attr:`Explanation.image_relevance`; the image tokens as ``<image>`` entries, see
+        :mod:`lxt.multimodal`).  With a dual encoder (``CLIPModel``, ``SiglipModel``,
+        ``Siglip2Model``): explain the similarity logit of the text ``inputs`` and the image
+        (``contrast=`` another text: the difference of their logits; :mod:`lxt.similarity`).
 
     Returns
     -------
@@ -1097,27 +1196,63 @@ def explain(model: nn.Module, tokenizer=None, inputs=None, *, target=None, contr
         return _explain(model, tokenizer, inputs, target=target, contrast=contrast,
                         generate=generate, method=method, steps=steps, layers=layers,
                         batch_size=batch_size, composite=composite, progress=progress,
-                        position=position, partial=partial, image=image)
+                        position=position, partial=partial, image=image, positional=positional)
+
+
+def _positional_sources(model, method, positional):
+    """The model's positional sources for ``positional=True`` (checked before any forward),
+    or ``None``."""
+    if not isinstance(positional, bool):
+        raise TypeError(f"lxt: positional must be True or False, got {positional!r}.")
+    if not positional:
+        return None
+    if method == "integrated_gradients":
+        raise ValueError("lxt: positional=True is for the LRP methods (attnlrp, cp-lrp) and the "
+                         "input_x_gradient / gradient baselines; integrated gradients scales the "
+                         "token embeddings only, so it has no positional counterpart.")
+    if not isinstance(model, nn.Module):
+        return None  # a pipeline: its model is checked once unpacked
+    from .positional import PositionalSources
+
+    return PositionalSources(model)
 
 
 def _explain(model, tokenizer, inputs, *, target, contrast, generate, method, steps, layers,
-             batch_size, composite, progress, position, partial, image=None):
+             batch_size, composite, progress, position, partial, image=None, positional=False):
     method = _check_method(method)
+    if image is not None and positional is not False:
+        raise ValueError("lxt: positional=True is not available with image= (vision-language "
+                         "models) yet; explain without it.")
     if image is not None:
         if not isinstance(model, nn.Module) or not isinstance(partial, bool):
             raise TypeError("lxt: explain(model, processor, prompt, image=...) needs a torch model and "
                             "partial=True / False.")
-        if generate or position is not None or layers:
-            raise ValueError("lxt: with image=, explain gives the next token of one prompt (no "
-                             "generate=, position= or layers= yet).")
+        if position is not None or layers:
+            raise ValueError("lxt: with image=, explain gives the next token (or generate= tokens) of one "
+                             "prompt (no position= or layers= yet).")
+        generate = _check_count("generate", generate, 0)
         _check_composite(model, method, composite)
         import sys
 
         from .multimodal import explain_with_image
+        from .similarity import explain_pair, is_dual_encoder
 
-        return explain_with_image(sys.modules[__name__], model, tokenizer, inputs, image, target=target, contrast=contrast,
-                                  method=method, partial=partial, composite=composite)
+        if is_dual_encoder(model):  # CLIP, SigLIP: the similarity logit of the text and the image
+            if generate:
+                raise ValueError(f"lxt: {type(model).__name__} scores a text against an image; generate= is "
+                                 "for vision-language models.")
+            return explain_pair(sys.modules[__name__], model, tokenizer, inputs, image, target=target,
+                                contrast=contrast, method=method, partial=partial, composite=composite)
+        return explain_with_image(sys.modules[__name__], model, tokenizer, inputs, image, target=target,
+                                  contrast=contrast, method=method, partial=partial, composite=composite,
+                                  generate=generate)
+    from .similarity import is_dual_encoder
+
+    if is_dual_encoder(model):
+        raise TypeError(f"lxt: {type(model).__name__} scores a text against an image: call "
+                        "lxt.explain(model, processor, text, image=IMAGE).")
     model, tokenizer, inputs, prefix = _unpack_pipeline(model, tokenizer, inputs)
+    sources = _positional_sources(model, method, positional)
     if not isinstance(partial, bool):
         raise TypeError(f"lxt: partial must be True or False, got {partial!r}.")
     if not isinstance(model, nn.Module):
@@ -1136,7 +1271,7 @@ def _explain(model, tokenizer, inputs, *, target, contrast, generate, method, st
                              "explained as a whole.")
         with _eval_mode(model):
             return _explain_image(model, inputs, target, method, steps, layers, composite, partial,
-                                  contrast)
+                                  contrast, sources=sources)
     _check_tokenizer(tokenizer)
     texts, single = _encode(tokenizer, inputs, prefix)
     if not _takes_embeddings(model):
@@ -1161,7 +1296,7 @@ def _explain(model, tokenizer, inputs, *, target, contrast, generate, method, st
         _positions(model, tokenizer, texts, None, kind)  # context length
         with _eval_mode(model), _patched(model, method, composite):
             return _explain_generation(model, tokenizer, texts[0], generate, method, steps, layers,
-                                       partial)
+                                       partial, sources=sources)
     targets = list(target) if isinstance(target, (list, tuple)) else [target] * len(texts)
     if len(targets) != len(texts):
         raise ValueError(f"lxt: {len(targets)} targets for {len(texts)} prompts.")
@@ -1176,11 +1311,11 @@ def _explain(model, tokenizer, inputs, *, target, contrast, generate, method, st
             stop = start + batch_size
             out.extend(_explain_text_batch(model, tokenizer, texts[start:stop], targets[start:stop],
                                            contrast, method, steps, layers, positions[start:stop],
-                                           partial))
+                                           partial, sources=sources))
     return out[0] if single else out
 
 
-def _explain_generation(model, tokenizer, text, n, method, steps, layers, partial=False):
+def _explain_generation(model, tokenizer, text, n, method, steps, layers, partial=False, sources=None):
     ids, mask = _batch(tokenizer, [text.ids], True)
     user = text.user
     limit = _context_length(model)
@@ -1198,7 +1333,7 @@ def _explain_generation(model, tokenizer, text, n, method, steps, layers, partia
             nxt = int(model(**kwargs).logits[0, -1].argmax())
         shown = tokenizer.decode(ids[0])
         out.append(_explain_ids(model, tokenizer, ids, mask, [shown], [nxt], None, method, steps,
-                                layers, "causal", [ids.shape[1] - 1], partial, [user])[0])
+                                layers, "causal", [ids.shape[1] - 1], partial, [user], sources=sources)[0])
         if tokenizer.eos_token_id is not None and nxt == tokenizer.eos_token_id:
             break
         ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)

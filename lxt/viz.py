@@ -1,6 +1,8 @@
 """Heatmaps: terminal colours, HTML and PNG, red (positive) / blue (negative) on a symmetric
 scale.  The tokens of a user's chat message (``Explanation.in_user_message``) are underlined
-(terminal, HTML) or boxed (PNG); the rest of the rendered chat template is shown plain."""
+(terminal, HTML) or boxed (PNG); the rest of the rendered chat template is shown plain.
+``sink="separate"`` draws the first token apart (an attention sink often holds much of the
+relevance; :data:`SINK_NOTE` says what it means) and colours the others on their own scale."""
 from __future__ import annotations
 
 import html
@@ -10,6 +12,54 @@ from typing import Sequence
 def _scale(relevance) -> float:
     m = float(relevance.abs().max()) if relevance.numel() else 0.0
     return m if m > 0 else 1.0
+
+
+#: ``sink=`` of the text views: ``"inline"`` (the default) draws the first token like any other,
+#: on the scale of all tokens; ``"separate"`` draws it apart (boxed, its share of the total
+#: |relevance| written out) and scales the colours of the other tokens by them alone
+SINKS = ("inline", "separate")
+
+#: the caption of ``sink="separate"``: what the first token's relevance means
+SINK_NOTE = ("The first token is drawn apart, boxed, with its share of the total |relevance|; the "
+             "colours of the other tokens are scaled by them alone, so their contrast shows. Its "
+             "relevance is real: models park attention on the first token (an attention sink), "
+             "and the value path through it carries relevance to the prediction, which does "
+             "depend on it. It is part of the explanation, and the sum still includes it.")
+
+
+def _separate(exp, sink) -> bool:
+    """Whether ``sink`` asks for the first token drawn apart (checked; text views only)."""
+    if sink not in SINKS:
+        raise ValueError(f"lxt: sink must be one of {', '.join(map(repr, SINKS))}, got {sink!r}.")
+    if sink == "separate" and exp.tokens is None:
+        raise ValueError("lxt: sink='separate' is for text explanations (an image has no first token).")
+    return sink == "separate"
+
+
+def sink_label(exp) -> str:
+    """``first token 41% of |R|``: the label of the first token in ``sink="separate"``."""
+    return f"first token {exp.first_token_share:.0%} of |R|"
+
+
+def _positional_rows(exp) -> list:
+    """``[(label, values)]``: the rows of positional relevance an explanation has
+    (``explain(..., positional=True)``: per position, beside the tokens), else ``[]``."""
+    rows = []
+    for label, name in (("positions", "position_relevance"), ("token types", "token_type_relevance")):
+        values = getattr(exp, name, None)
+        if values is not None and exp.tokens is not None and len(values) == len(exp.tokens):
+            rows.append((label, values))
+    return rows
+
+
+def _joint_scale(exp, separate: bool) -> float:
+    """The colour scale of tokens and positional rows together (one scale: comparable);
+    ``separate``: without the first token and position 0 (``sink="separate"``)."""
+    start = 1 if separate else 0
+    scale = _scale(exp.relevance[start:])
+    for _, values in _positional_rows(exp):
+        scale = max(scale, _scale(values[start:]))
+    return scale
 
 
 def colour(value: float, scale: float) -> tuple:
@@ -37,15 +87,24 @@ def _user(exp) -> list:
     return list(marks) if marks is not None else [False] * len(exp.tokens)
 
 
-def terminal(exp) -> str:
+def terminal(exp, sink: str = "inline") -> str:
     """The tokens on 24-bit ANSI backgrounds (a user's chat message underlined), then the
-    target line."""
-    s = _scale(exp.relevance)
+    target line; ``sink="separate"``: the first token in brackets with its share, the others
+    coloured on their own scale, and :data:`SINK_NOTE`."""
+    separate = _separate(exp, sink)
+    s = _joint_scale(exp, separate)
     parts = []
     for tok, r, user in zip(exp.tokens, exp.relevance.tolist(), _user(exp)):
         red, green, blue = colour(r, s)
         under = "\x1b[4m" if user else ""
         parts.append(f"\x1b[48;2;{red};{green};{blue}m\x1b[38;2;0;0;0m{under}{_show_token(tok)}\x1b[0m")
+    extra = ""
+    for label, values in _positional_rows(exp):  # positional relevance, one cell per position
+        cells = "".join("\x1b[48;2;{};{};{}m\x1b[38;2;0;0;0m {} \x1b[0m".format(*colour(v, s), i)
+                        for i, v in enumerate(values.tolist()))
+        extra += f"\n{label} ({float(values.sum()):+.3f}): {cells}"
+    if separate and parts:
+        parts[0] = f"[{parts[0]}] ({sink_label(exp)}) "
     head = f"{exp.method}: explaining {exp.target!r}"
     if exp.contrast is not None:
         head += f" vs {exp.contrast!r}"
@@ -53,13 +112,18 @@ def terminal(exp) -> str:
     if any(_user(exp)):
         head += "; the user's message underlined"
     top = ", ".join(f"{t!r} {v:+.3f}" for t, v in exp.top(3))
-    return f"{head}\n{''.join(parts)}\nmost relevant: {top}"
+    note = f"\n{SINK_NOTE}" if separate else ""
+    return f"{head}\n{''.join(parts)}{extra}\nmost relevant: {top}{note}"
 
 
-def html_fragment(exp) -> str:
+def html_fragment(exp, sink: str = "inline") -> str:
     """A ``<div>`` with one ``<span>`` per token; ``data-relevance`` holds the value; the tokens
-    of a user's chat message have the class ``user`` (underlined and bold)."""
-    s = _scale(exp.relevance)
+    of a user's chat message have the class ``user`` (underlined and bold).  ``sink="separate"``:
+    the first token's span inside a boxed ``<span class="sink">`` with its share
+    (``<span class="sink-share">``), the other tokens coloured on their own scale, and
+    :data:`SINK_NOTE` as a ``<div class="sink-note">``."""
+    separate = _separate(exp, sink)
+    s = _joint_scale(exp, separate)
     spans = []
     for tok, r, user in zip(exp.tokens, exp.relevance.tolist(), _user(exp)):
         red, green, blue = colour(r, s)
@@ -68,6 +132,12 @@ def html_fragment(exp) -> str:
             f'<span class="{cls}" data-relevance="{r:.6g}" title="{r:+.4f}" '
             f'style="background-color: rgb({red}, {green}, {blue}){mark}">{html.escape(_show_token(tok))}</span>'
         )
+    note = ""
+    if separate and spans:
+        spans[0] = (f'<span class="sink" style="border: 2px solid #222; border-radius: 3px; padding: 1px 3px; '
+                    f'margin-right: .5em">{spans[0]} <span class="sink-share">{html.escape(sink_label(exp))}'
+                    '</span></span>')
+        note = f'<div class="sink-note" style="color:#555;font-size:small">{html.escape(SINK_NOTE)}</div>'
     target = html.escape(repr(exp.target))
     contrast = f" vs {html.escape(repr(exp.contrast))}" if exp.contrast is not None else ""
     legend = "; the user's message underlined" if any(_user(exp)) else ""
@@ -78,21 +148,32 @@ def html_fragment(exp) -> str:
         data = base64.b64encode(image_png_bytes(exp)).decode("ascii")
         picture = (f'<img class="image-relevance" alt="image relevance" style="float:left;margin-right:1em" '
                    f'src="data:image/png;base64,{data}">')
+    positional = ""
+    for label, values in _positional_rows(exp):  # a second row: relevance per position
+        cells = "".join(
+            f'<span class="pos" data-relevance="{v:.6g}" title="{label} {i}: {v:+.4f}" '
+            'style="background-color: rgb({}, {}, {})">{}</span>'.format(*colour(v, s), i)
+            for i, v in enumerate(values.tolist()))
+        positional += (f'<div class="positions" data-kind="{html.escape(label)}"><span class="pos-label">'
+                       f'{html.escape(label)} ({float(values.sum()):+.3f}):</span> {cells}</div>')
     return (f'<div class="lxt-explanation" data-method="{html.escape(exp.method)}">{picture}'
             f'<div class="head">{html.escape(exp.method)} — target {target}{contrast} '
-            f'(value {exp.logit:+.3f}){legend}</div><div class="tokens">{"".join(spans)}</div></div>')
+            f'(value {exp.logit:+.3f}){legend}</div><div class="tokens">{"".join(spans)}</div>{positional}{note}</div>')
 
 
-def html_page(explanations: Sequence) -> str:
-    body = "\n".join(html_fragment(e) for e in explanations)
+def html_page(explanations: Sequence, sink: str = "inline") -> str:
+    body = "\n".join(html_fragment(e, sink) for e in explanations)
     return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>lxt explanation</title>"
             "<style>body{font-family:sans-serif;margin:2em}.tokens{font-family:monospace;"
             "font-size:18px;line-height:2em;white-space:pre-wrap}.tok{padding:2px 0;border-radius:3px}"
-            ".head{color:#555;margin:1em 0 .3em}</style></head><body>\n"
+            ".head{color:#555;margin:1em 0 .3em}.positions{font-family:monospace;font-size:13px;"
+            "line-height:1.8em}.pos{padding:1px 4px;margin-right:2px;border-radius:3px}"
+            ".pos-label{color:#555}</style></head><body>\n"
             f"{body}\n</body></html>\n")
 
 
-def png(exp, path: str) -> str:
+def png(exp, path: str, sink: str = "inline") -> str:
+    separate = _separate(exp, sink)
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -101,7 +182,7 @@ def png(exp, path: str) -> str:
     with plt.rc_context({"text.usetex": False}):  # a matplotlibrc may turn LaTeX on for all text
         if exp.tokens is None:
             return _png_image(exp, path, plt)
-        return _png_tokens(exp, path, plt)
+        return _png_tokens(exp, path, plt, separate)
 
 
 def _overlay(ax, exp) -> None:
@@ -133,11 +214,14 @@ def image_png_bytes(exp) -> bytes:
     return buf.getvalue()
 
 
-def _png_tokens(exp, path, plt):
-    s = _scale(exp.relevance)
+def _png_tokens(exp, path, plt, separate=False):
+    s = _joint_scale(exp, separate)
     with_image = getattr(exp, "image_relevance", None) is not None
+    positional = _positional_rows(exp)
     rows = 1 + len(exp.tokens) // (8 if with_image else 12)
-    fig = plt.figure(figsize=(10, max(3.2 if with_image else 0, 1.0 + 0.45 * rows)), dpi=120)
+    rows += sum(1 + len(values) // 24 for _, values in positional)
+    fig = plt.figure(figsize=(10, max(3.2 if with_image else 0, 1.0 + 0.45 * rows) + (0.6 if separate else 0)),
+                     dpi=120)
     left = 0.0
     if with_image:  # the image heatmap beside the coloured prompt
         _overlay(fig.add_axes([0.01, 0.05, 0.28, 0.82]), exp)
@@ -150,6 +234,7 @@ def _png_tokens(exp, path, plt):
     legend = "; the user's message boxed" if any(_user(exp)) else ""
     ax.text(0.01, 0.95, title + f"  (value {exp.logit:+.3f}){legend}", fontsize=10, va="top",
             color="#444", **_LITERAL)
+    sink_box = separate
     for tok, r, user in zip(exp.tokens, exp.relevance.tolist(), _user(exp)):
         rgb = tuple(c / 255 for c in colour(r, s))
         edge = dict(edgecolor="#222", linewidth=1.0) if user else dict(edgecolor="none")
@@ -157,8 +242,28 @@ def _png_tokens(exp, path, plt):
                     bbox=dict(facecolor=rgb, pad=2, **edge), **_LITERAL)
         width = t.get_window_extent(renderer=renderer).width / fig.bbox.width
         x += width + 0.004
+        if sink_box:  # the first token: boxed, its share beside it
+            sink_box = False
+            t.get_bbox_patch().set(edgecolor="#222", linewidth=2.5)
+            label = ax.text(x + 0.004, y, sink_label(exp), fontsize=9, va="top", color="#222", **_LITERAL)
+            x += label.get_window_extent(renderer=renderer).width / fig.bbox.width + 0.02
         if x > 0.93:
             x, y = left + 0.01, y - max(line, 0.12)
+    for label, values in positional:  # under the tokens: relevance per position
+        x, y = left + 0.01, y - max(line, 0.12)
+        t = ax.text(x, y, f"{label} ({float(values.sum()):+.3f}):", fontsize=9, va="top", color="#444", **_LITERAL)
+        x += t.get_window_extent(renderer=renderer).width / fig.bbox.width + 0.01
+        for i, v in enumerate(values.tolist()):
+            rgb = tuple(c / 255 for c in colour(v, s))
+            t = ax.text(x, y, str(i), fontsize=9, family="monospace", va="top",
+                        bbox=dict(facecolor=rgb, pad=2, edgecolor="none"), **_LITERAL)
+            x += t.get_window_extent(renderer=renderer).width / fig.bbox.width + 0.006
+            if x > 0.95:
+                x, y = left + 0.01, y - max(line, 0.12)
+    if separate:
+        import textwrap
+
+        ax.text(0.01, 0.02, textwrap.fill(SINK_NOTE, 150), fontsize=7, va="bottom", color="#555", **_LITERAL)
     fig.savefig(path)
     plt.close(fig)
     return path

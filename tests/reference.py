@@ -12,6 +12,11 @@ written without lxt, on a ``copy.deepcopy`` of the stock HuggingFace model:
   CP-LRP: q and k detached, v unscaled;
 - RMSNorm / LayerNorm: the standard deviation detached (identity on ``1/std``);
 - CP-LRP gated MLP: the gate branch detached;
+- ``nn.MultiheadAttention`` (SigLIP's attention-pooling head) written out with the attention's
+  scalings, a factor without gradient (the probe's query) a constant of its product;
+- a dual encoder's similarity head (CLIP, SigLIP, SigLIP2): the norms of ``t / |t|`` and
+  ``i / |i|`` detached, both factors of ``t @ i.T`` halved, ``exp(logit_scale)`` and
+  ``logit_bias`` constants;
 - everything else (linear layers and biases, residual adds, rotary embedding, embedding sums,
   reshapes) keeps its plain gradient: the epsilon rule with epsilon -> 0 is input * gradient.
 
@@ -189,6 +194,60 @@ def _roberta_classification_head(head):
     return forward
 
 
+def _multihead_attention(mha, cp):
+    """``nn.MultiheadAttention`` (batch first, packed projection; SigLIP's attention-pooling
+    head: a constant probe attends to the patch tokens) written out with the same gradient
+    scalings as the reference attention.  A factor without gradient (the probe's query) is a
+    constant of its product: the other factor keeps the whole share (epsilon rule), so with
+    ``n_qk`` variable factors of ``q k^T`` and ``m`` of ``A v``, q and k get ``1 / (m n_qk)``,
+    v ``1 / m``; CP-LRP detaches q and k."""
+    assert mha.batch_first and mha._qkv_same_embed_dim and mha.bias_k is None and not mha.add_zero_attn
+
+    def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None, **kwargs):
+        assert key_padding_mask is None and not kwargs.get("is_causal", False)
+        e, h = mha.embed_dim, mha.num_heads
+        w, b = mha.in_proj_weight, mha.in_proj_bias
+        q, k, v = (F.linear(x, w[i * e:(i + 1) * e], None if b is None else b[i * e:(i + 1) * e])
+                   for i, x in enumerate((query, key, value)))
+        n = q.shape[0]
+        q, k, v = (t.reshape(n, t.shape[1], h, e // h).transpose(1, 2) for t in (q, k, v))
+        if cp:
+            q, k = q.detach(), k.detach()
+        else:
+            n_qk = max(int(q.requires_grad) + int(k.requires_grad), 1)  # (1: no gradient at all)
+            m = max(int(q.requires_grad or k.requires_grad) + int(v.requires_grad), 1)
+            q, k, v = (scale_grad(q, 1 / (m * n_qk)), scale_grad(k, 1 / (m * n_qk)), scale_grad(v, 1 / m))
+        mask = None if attn_mask is None else attn_mask.reshape(n, h, *attn_mask.shape[-2:])
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return mha.out_proj(o.transpose(1, 2).reshape(n, -1, e)), None
+
+    return forward
+
+
+def _similarity_head(model):
+    """A dual encoder's (CLIP, SigLIP, SigLIP2) forward with its similarity head written out:
+    ``t / ||t||`` and ``i / ||i||`` with the norms detached (identity on the numerator, the
+    divisor a constant), ``t @ i.T`` with both factors' gradients halved (uniform rule), the
+    scale ``exp(logit_scale)`` a constant, ``+ logit_bias`` (SigLIP) a constant summand
+    (plain gradient: it absorbs its share).  The towers (and CLIP's projections) run as the
+    stock ``get_text_features`` / ``get_image_features`` do."""
+    from types import SimpleNamespace
+
+    def forward(input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, **vision):
+        text = model.get_text_features(input_ids=input_ids, attention_mask=attention_mask,
+                                       position_ids=position_ids).pooler_output
+        image = model.get_image_features(pixel_values=pixel_values, **vision).pooler_output
+        text = text / text.norm(p=2, dim=-1, keepdim=True).detach()
+        image = image / image.norm(p=2, dim=-1, keepdim=True).detach()
+        logits = torch.matmul(scale_grad(text, 0.5), scale_grad(image, 0.5).t()) * model.logit_scale.exp().detach()
+        if getattr(model, "logit_bias", None) is not None:
+            logits = logits + model.logit_bias.detach()
+        return SimpleNamespace(logits_per_text=logits, logits_per_image=logits.t(), text_embeds=text,
+                               image_embeds=image)
+
+    return forward
+
+
 def _reference_attention(cp, kernel):
     """An attention function for transformers' AttentionInterface: the stock kernel (sdpa, or
     the model's own eager function) with AttnLRP / CP-LRP gradient scalings on q, k, v."""
@@ -271,7 +330,11 @@ def reference_model(model, cp=False, cp_mlp=None):
             module.forward = _roberta_lm_head(module)
         elif type(module).__name__ == "RobertaClassificationHead":  # and tanh here
             module.forward = _roberta_classification_head(module)
+        elif isinstance(module, nn.MultiheadAttention):  # SigLIP's attention-pooling head
+            module.forward = _multihead_attention(module, cp)
     assert counts["act"] and counts["norm"], counts
+    if all(hasattr(ref, n) for n in ("logit_scale", "get_text_features", "get_image_features")):
+        ref.forward = _similarity_head(ref)  # a dual encoder's similarity logits
     for p in ref.parameters():
         p.requires_grad_(False)
     return ref
@@ -367,3 +430,86 @@ def _targets(logits, n_other=1, seed=0):
     g = torch.Generator().manual_seed(seed)
     others = [torch.randint(0, last.shape[-1], (last.shape[0],), generator=g) for _ in range(n_other)]
     return [last.argmax(-1)] + others
+
+
+# ----------------------------------------------------------------------------------------
+# Positional relevance (PA-LRP, Bakish et al. 2025): positional encodings as variables
+# ----------------------------------------------------------------------------------------
+#
+# With ``positional=True`` the positional encodings are variables instead of constants:
+# - rotary ``q * cos + rotate_half(q) * sin`` (and the same for k): the uniform rule on each
+#   product of two variables halves both factors' gradients.  q (and k) enter only those two
+#   products, so halving the gradient of ``q_proj`` / ``k_proj``'s output halves q's share in
+#   both (the RMSNorm on q of Qwen3 is linear in the reference), and the leaves' gradient is
+#   halved at the rotary module's output; the sum of the two products keeps its plain gradient;
+# - learned position / token-type embeddings summed into the token embeddings: the epsilon rule
+#   on the sum (epsilon -> 0) is the plain gradient, so the summand's relevance is ``p * grad``.
+# Full rotary only (every dimension of q and k rotated: Llama, Qwen, Mistral).
+
+_REF_POSITION_NAMES = ("wpe", "position_embeddings")
+
+
+@contextlib.contextmanager
+def positional_leaves(ref, batch_size):
+    """On the reference copy ``ref`` (from :func:`reference_model`), inside the block: every
+    positional input a fresh leaf (batch-shared encodings expanded to ``batch_size``), with
+    the gradient modifications above.  Yields ``kind -> list of leaves`` (``rotary``,
+    ``position``, ``token_type``), filled by the forward."""
+    leaves = {"rotary": [], "position": [], "token_type": []}
+    handles, params = [], []
+
+    def leaf(kind, t):
+        t = t.detach()
+        if t.dim() >= 2 and t.shape[0] == 1 and batch_size > 1:
+            t = t.expand(batch_size, *t.shape[1:])
+        t = t.clone().requires_grad_(True)
+        leaves[kind].append(t)
+        return t
+
+    named = list(ref.named_modules())
+    rotary = [m for _, m in named if type(m).__name__.endswith("RotaryEmbedding")]
+    for name, m in named:
+        last = name.rsplit(".", 1)[-1]
+        if m in rotary:
+            handles.append(m.register_forward_hook(
+                lambda mod, args, out: tuple(scale_grad(leaf("rotary", t), 0.5) for t in out)))
+        elif rotary and last in ("q_proj", "k_proj"):
+            handles.append(m.register_forward_hook(lambda mod, args, out: scale_grad(out, 0.5)))
+        elif isinstance(m, nn.Embedding) and last in _REF_POSITION_NAMES:
+            handles.append(m.register_forward_hook(lambda mod, args, out: leaf("position", out)))
+        elif isinstance(m, nn.Embedding) and last == "token_type_embeddings":
+            handles.append(m.register_forward_hook(lambda mod, args, out: leaf("token_type", out)))
+        elif isinstance(m._parameters.get("position_embeddings"), nn.Parameter):  # ViT, DeiT
+            p = m._parameters["position_embeddings"]  # the copy's own parameter: a leaf already
+            p.grad = None
+            p.requires_grad_(True)
+            params.append(p)
+            leaves["position"].append(p)
+    try:
+        yield leaves
+    finally:
+        for h in handles:
+            h.remove()
+        for p in params:
+            p.requires_grad_(False)
+
+
+def _summed_per_position(tensors):
+    """``sum over leaves of (leaf * grad)`` per sequence and position: ``(batch, T)``."""
+    total = None
+    for t in tensors:
+        g = torch.zeros_like(t) if t.grad is None else t.grad  # CP-LRP: no gradient to rotary
+        r = (t.detach() * g).reshape(t.shape[0], t.shape[1], -1).sum(-1)
+        total = r if total is None else total + r
+    return total
+
+
+def reference_positional_relevance(ref, targets, **inputs):
+    """``(per-token relevance, {kind: per-position relevance (batch, T)})`` of the reference
+    with its positional inputs as leaves (gradient 1 at the explained logits)."""
+    name, x = _leaf_input(inputs)
+    with positional_leaves(ref, x.shape[0]) as leaves:
+        out = ref(**inputs).logits
+        _select(out, targets).sum().backward()
+    per_kind = {k: _summed_per_position(ts) for k, ts in leaves.items() if ts}
+    return _per_position(name, x * x.grad), per_kind

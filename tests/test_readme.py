@@ -1,6 +1,7 @@
 """Every ```python block of README.md runs as written, in order, in one namespace (tiny
 stand-ins replace the real models), and every command-line example parses."""
 import shlex
+import sys
 import types
 import warnings
 from pathlib import Path
@@ -48,10 +49,14 @@ def stand_ins(monkeypatch, tmp_path):
 def test_readme_python_blocks_run(stand_ins, capsys):
     code = blocks("python")
     assert len(code) == 9, "README.md python blocks changed: update this test"
+    sys.path.insert(0, str(Path(__file__).parent / "vlm_builders"))
+    import clip_siglip_dinov2
     from test_vlm import tiny_llava, tiny_llava_processor
 
-    # the image-text block's vlm and processor: a tiny LLaVA (no VLM ships offline)
-    namespace = {"__name__": "readme", "vlm": tiny_llava(), "processor": tiny_llava_processor()}
+    # the image-text block's vlm and processor: a tiny LLaVA (no VLM ships offline), its CLIP a tiny
+    # CLIPModel with its processor
+    namespace = {"__name__": "readme", "vlm": tiny_llava(), "processor": tiny_llava_processor(),
+                 "clip": clip_siglip_dinov2.tiny_clip(), "clip_processor": clip_siglip_dinov2.tiny_clip_processor()}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for i, block in enumerate(code):
@@ -63,6 +68,7 @@ def test_readme_python_blocks_run(stand_ins, capsys):
             if i == 3:  # a VLM: the image tokens as one entry, relevance per pixel
                 assert namespace["exp"].tokens[0] == "<image>"
                 assert namespace["exp"].image_relevance.shape == (16, 16)
+                assert len(namespace["answer"]) == 3 and namespace["pair"].contrast == "a photo of a dog"
             if i == 4:  # the composite example: per-token relevance of "The capital of France is"
                 assert namespace["relevance"].shape == (1, 5)
             if i == 6:  # nn.MultiheadAttention in a hand-written model
