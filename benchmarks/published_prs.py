@@ -102,6 +102,7 @@ its unpatched value equals ours, so both sides are known to run the same weights
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import importlib.util
 import json
@@ -244,9 +245,10 @@ def per_pixel(kind, rel):
 
 # --------------------------------------------------------------------------- child process
 
-def published_lxt():
-    """``benchmarks/published_lxt.py`` loaded by path (the child has no script folder on sys.path)."""
-    spec = importlib.util.spec_from_file_location("published_lxt", REPO / "benchmarks" / "published_lxt.py")
+@functools.lru_cache(maxsize=None)
+def sibling(name):
+    """``benchmarks/<name>.py`` loaded by path (the child has no script folder on sys.path)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -269,7 +271,7 @@ def child(args) -> int:
     torch.set_num_threads(1)
     quiet()
     spec = json.loads(Path(args.spec).read_text())
-    pub = published_lxt()
+    pub = sibling("published_lxt")
     pub.SIDE = Path(spec["side"]).resolve()  # import_published checks lxt against this folder
     pub.import_published()
     import lxt
@@ -484,11 +486,8 @@ def ours(kind, folder, job) -> dict:
 
 
 def pearson(a, b) -> float:
-    n = len(a)
-    ma, mb = sum(a) / n, sum(b) / n
-    cov = sum((x - ma) * (y - mb) for x, y in zip(a, b))
-    va, vb = sum((x - ma) ** 2 for x in a), sum((y - mb) ** 2 for y in b)
-    return cov / math.sqrt(va * vb) if va > 0 and vb > 0 else float("nan")
+    """Per-element Pearson r (``benchmarks/published_families.py``'s, one formula for both)."""
+    return sibling("published_families").pearson(a, b)
 
 
 def shaped(kind, flat):
